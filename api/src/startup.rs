@@ -1,0 +1,104 @@
+//! Builds the HTTP application; tests reuse it on port 0 with their own
+//! database and Redis prefix.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::middleware::{NormalizePath, SizeLimit, TrailingSlash};
+use poem::{EndpointExt, Route, get};
+use poem_openapi::OpenApiService;
+use shared::config::{Backend, Config};
+use shared::queue::DispatchQueue;
+use shared::secrets::SecretBox;
+use shared::storage::PgStore;
+
+use crate::auth::Authenticator;
+use crate::error;
+use crate::routes::{health, jobs::JobsApi, programs::ProgramsApi};
+use crate::state::AppState;
+
+pub fn openapi_service(version: &str) -> OpenApiService<(ProgramsApi, JobsApi), ()> {
+    OpenApiService::new((ProgramsApi, JobsApi), "Quantum Serverless Gateway", version)
+        .description("Runs users' Python functions as jobs on Ray; the Qiskit Serverless HTTP contract.")
+        .server("/api/v1")
+}
+
+/// The committed `openapi/openapi.json` is this document.
+pub fn openapi_json() -> String {
+    openapi_service(env!("CARGO_PKG_VERSION")).spec()
+}
+
+pub struct Application {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    acceptor: poem::listener::TcpAcceptor,
+}
+
+impl Application {
+    /// Connects, migrates, binds. The API applies migrations itself; sqlx
+    /// serialises concurrent replicas with an advisory lock.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let Backend::Distributed { database_url, redis_url } = &config.backend else {
+            anyhow::bail!("the embedded gateway needs DATABASE_URL and REDIS_URL in this release");
+        };
+        let store = PgStore::connect(database_url, 16).await.context("connecting to Postgres")?;
+        store.migrate().await.context("applying migrations")?;
+        let redis = apalis_redis::connect(redis_url.as_str()).await.context("connecting to Redis")?;
+        let acceptor = TcpListener::bind(config.listen.to_string())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .context("no local address")?;
+        let auth = Authenticator::from_config(&config.auth).map_err(anyhow::Error::msg)?;
+        let queue = DispatchQueue::new(redis.clone(), &config.redis_prefix, &config.worker);
+        let site_host = config.site_host_or(addr);
+        let secrets = SecretBox::from_config(config.secret_key.as_deref());
+        let state = Arc::new(AppState::new(Arc::new(config), store, queue, redis, secrets, auth, site_host));
+        Ok(Application { addr, state, acceptor })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send) -> std::io::Result<()> {
+        let app = routes(self.state.clone());
+        poem::Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(app, shutdown, Some(std::time::Duration::from_secs(10)))
+            .await
+    }
+}
+
+pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
+    let body_limit = state.config.max_artifact_bytes as usize + 4 * 1024 * 1024;
+    let api = openapi_service(&state.config.version);
+    let swagger = api.swagger_ui();
+    let swagger_too = api.swagger_ui();
+    let spec = api.spec_endpoint();
+    Route::new()
+        // The original rewrites `/api...` paths to end in a slash; so do we.
+        .nest("/api/v1", api.with(NormalizePath::new(TrailingSlash::Always)))
+        .at("/liveness", get(health::liveness))
+        .at("/liveness/", get(health::liveness))
+        .at("/readiness", get(health::readiness))
+        .at("/readiness/", get(health::readiness))
+        .at("/version", get(health::version))
+        .at("/version/", get(health::version))
+        .at("/openapi.json", spec)
+        .nest("/docs", swagger)
+        .nest("/swagger", swagger_too)
+        .with(SizeLimit::new(body_limit))
+        .data(state)
+        .catch_all_error(error::to_json)
+}

@@ -1,0 +1,68 @@
+//! What every request handler shares.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use apalis_redis::ConnectionManager;
+use shared::artifact::ArtifactLimits;
+use shared::config::Config;
+use shared::queue::DispatchQueue;
+use shared::secrets::SecretBox;
+use shared::storage::{PgStore, StorageResult, User};
+use uuid::Uuid;
+
+use crate::auth::Authenticator;
+
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: PgStore,
+    pub queue: DispatchQueue,
+    pub redis: ConnectionManager,
+    pub secrets: SecretBox,
+    pub auth: Authenticator,
+    /// `ENV_JOB_GATEWAY_HOST` and the base of pagination links.
+    pub site_host: String,
+    pub artifact_limits: ArtifactLimits,
+    /// username → id: users are created once and never renamed, so the
+    /// cache saves a statement on every request.
+    users: RwLock<HashMap<String, Uuid>>,
+}
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        store: PgStore,
+        queue: DispatchQueue,
+        redis: ConnectionManager,
+        secrets: SecretBox,
+        auth: Authenticator,
+        site_host: String,
+    ) -> Self {
+        let artifact_limits = ArtifactLimits { max_bytes: config.max_artifact_bytes, ..ArtifactLimits::default() };
+        AppState {
+            config,
+            store,
+            queue,
+            redis,
+            secrets,
+            auth,
+            site_host,
+            artifact_limits,
+            users: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub async fn user(&self, username: &str) -> StorageResult<User> {
+        if let Ok(cache) = self.users.read()
+            && let Some(id) = cache.get(username)
+        {
+            return Ok(User { id: *id, username: username.to_string() });
+        }
+        let user = self.store.ensure_user(username).await?;
+        if let Ok(mut cache) = self.users.write() {
+            cache.insert(user.username.clone(), user.id);
+        }
+        Ok(user)
+    }
+}

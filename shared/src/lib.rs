@@ -1,0 +1,38 @@
+//! Everything the API and the workers share: configuration, the job domain,
+//! storage, queue payloads, the slot limiter and the Ray client.
+
+pub mod artifact;
+pub mod config;
+pub mod domain;
+pub mod jobenv;
+pub mod limiter;
+pub mod queue;
+pub mod ray;
+pub mod secrets;
+pub mod storage;
+pub mod telemetry;
+
+/// Installs the one rustls crypto provider of the process (ring), which
+/// reqwest's `rustls-no-provider` feature leaves to us. Safe to call twice.
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the processes' graceful-stop trigger.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

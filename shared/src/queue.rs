@@ -1,0 +1,86 @@
+//! The dispatch queue: apalis over Redis.
+//!
+//! A message is only a wake-up naming a job; the database stays the truth.
+//! Handlers are idempotent (a job can be delivered twice: orphan recovery,
+//! the reconciler's sweep), and the dispatch claim in SQL decides who works.
+
+use std::time::Duration;
+
+use apalis::prelude::TaskSink;
+use apalis_redis::{ConnectionManager, RedisStorage};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::WorkerTuning;
+
+/// "Look at this job": pushed after a run commits, when a slot frees, and by
+/// the reconciler for QUEUED jobs whose wake-up was lost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dispatch {
+    pub job_id: Uuid,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue unavailable: {0}")]
+    Redis(String),
+    #[error("queue push timed out")]
+    Timeout,
+}
+
+pub fn dispatch_queue(prefix: &str) -> String {
+    format!("{prefix}:dispatch")
+}
+
+/// The apalis-redis configuration shared by producers and consumers. The
+/// heartbeat bounds how long a dead worker's task stays in flight
+/// (`heartbeat * missed_heartbeats`, CRATES.md trap 6).
+pub fn apalis_config(prefix: &str, tuning: &WorkerTuning) -> apalis_redis::Config {
+    apalis_redis::Config::default()
+        .queue(dispatch_queue(prefix))
+        .heartbeat_interval(tuning.heartbeat)
+        .missed_heartbeats(tuning.missed_heartbeats)
+        .batch_size(tuning.concurrency)
+        // Results of a wake-up carry nothing worth keeping.
+        .persist_results(false)
+}
+
+/// The pub/sub channel apalis-redis announces pushes on; workers listen to
+/// it to fetch at once instead of at the next heartbeat.
+pub fn available_channel(config: &apalis_redis::Config) -> String {
+    format!("tasks:{}:available", config.active_jobs_list())
+}
+
+/// Pushes wake-ups. Cheap to clone.
+#[derive(Clone)]
+pub struct DispatchQueue {
+    storage: RedisStorage<Dispatch>,
+    push_timeout: Duration,
+}
+
+impl std::fmt::Debug for DispatchQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatchQueue").finish_non_exhaustive()
+    }
+}
+
+impl DispatchQueue {
+    pub fn new(conn: ConnectionManager, prefix: &str, tuning: &WorkerTuning) -> Self {
+        let storage = RedisStorage::new(conn).with_config(apalis_config(prefix, tuning));
+        DispatchQueue { storage, push_timeout: Duration::from_millis(1500) }
+    }
+
+    /// Pushes one wake-up per job. Bounded in time so a Redis outage never
+    /// holds an HTTP request: the reconciler re-pushes what did not get through.
+    pub async fn push(&self, job_ids: &[Uuid]) -> Result<(), QueueError> {
+        let mut storage = self.storage.clone();
+        let tasks: Vec<Dispatch> = job_ids.iter().map(|&job_id| Dispatch { job_id }).collect();
+        let push = async move {
+            for task in tasks {
+                storage.push(task).await.map_err(|e| QueueError::Redis(e.to_string()))?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.push_timeout, push).await.map_err(|_| QueueError::Timeout)?
+    }
+}

@@ -1,0 +1,217 @@
+//! Persistent state: users, programs (functions), jobs, job events.
+//!
+//! The row types here are what the API and the workers see; the SQL lives in
+//! one module per backend.
+
+pub mod postgres;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::domain::JobStatus;
+
+pub use postgres::PgStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl StorageError {
+    /// True when the database could not be reached at all (as opposed to a
+    /// statement failing), so callers can answer 503 rather than 500.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
+        )
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: Uuid,
+    pub username: String,
+}
+
+/// A function as stored.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub id: Uuid,
+    pub author_id: Uuid,
+    pub title: String,
+    pub provider: Option<String>,
+    pub entrypoint: String,
+    pub artifact_sha256: Option<String>,
+    pub artifact_name: Option<String>,
+    pub dependencies: Value,
+    pub env_vars_sealed: Option<Vec<u8>>,
+    pub description: String,
+    pub documentation_url: Option<String>,
+    pub program_type: String,
+    pub version: Option<String>,
+    pub runner: String,
+    pub arguments_schema: String,
+    pub created: DateTime<Utc>,
+}
+
+/// What an upload writes. `None` fields keep the stored value on update.
+#[derive(Debug, Clone, Default)]
+pub struct ProgramUpsert {
+    pub title: String,
+    pub entrypoint: Option<String>,
+    pub artifact: Option<(String, String)>, // (sha256, file name)
+    pub dependencies: Option<Value>,
+    pub env_vars_sealed: Option<Vec<u8>>,
+    pub description: Option<String>,
+    pub program_type: Option<String>,
+    pub version: Option<String>,
+    pub arguments_schema: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: Uuid,
+    pub author_id: Uuid,
+    pub program_id: Uuid,
+    pub status: JobStatus,
+    pub sub_status: Option<String>,
+    pub arguments: String,
+    pub result: Option<String>,
+    pub logs: Option<String>,
+    pub status_reason: Option<String>,
+    pub ray_host: Option<String>,
+    pub ray_submitted: bool,
+    pub ray_start: Option<DateTime<Utc>>,
+    pub ray_end: Option<DateTime<Utc>>,
+    pub finalized: bool,
+    pub created: DateTime<Utc>,
+    pub updated: DateTime<Utc>,
+}
+
+/// A job with the program fields the API shows beside it.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    pub job: Job,
+    pub program: Program,
+}
+
+/// One row of the job list.
+#[derive(Debug, Clone)]
+pub struct JobListRow {
+    pub id: Uuid,
+    pub status: JobStatus,
+    pub sub_status: Option<String>,
+    pub created: DateTime<Utc>,
+    pub program_id: Uuid,
+    pub program_title: String,
+    pub program_provider: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub function: Option<String>,
+    pub status: Option<JobStatus>,
+    pub created_after: Option<DateTime<Utc>>,
+    /// `Some(true)`: only provider functions; `Some(false)`: only own.
+    pub catalog: Option<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobEvent {
+    pub event_type: String,
+    pub origin: String,
+    pub context: String,
+    pub data: Value,
+    pub created: DateTime<Utc>,
+}
+
+/// A new job as `programs/run` creates it.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub author_id: Uuid,
+    pub program_id: Uuid,
+    pub arguments: String,
+    pub config: Option<Value>,
+    pub env_sealed: Vec<u8>,
+    pub pip: Vec<String>,
+}
+
+#[derive(Debug)]
+pub enum CreateJob {
+    Created(Job),
+    /// The user already has `LIMITS_ACTIVE_JOBS_PER_USER` active jobs.
+    LimitReached,
+}
+
+#[derive(Debug)]
+pub enum StopOutcome {
+    /// The job was active and is STOPPED now; `was` tells whether Ray may
+    /// hold it.
+    Stopped { was: JobStatus, ray_host: Option<String> },
+    AlreadyTerminal,
+    NotFound,
+}
+
+#[derive(Debug)]
+pub enum SubStatusOutcome {
+    Updated(JobView),
+    NotActive(JobStatus),
+    NotFound,
+}
+
+/// Everything a worker needs to submit a job, read in one query.
+#[derive(Debug, Clone)]
+pub struct DispatchJob {
+    pub id: Uuid,
+    pub author_id: Uuid,
+    pub username: String,
+    pub program_title: String,
+    pub provider: Option<String>,
+    pub entrypoint: String,
+    pub artifact_sha256: Option<String>,
+    pub arguments: String,
+    pub env_sealed: Option<Vec<u8>>,
+    pub program_env_sealed: Option<Vec<u8>>,
+    pub pip: Vec<String>,
+    pub dispatch_attempts: i32,
+}
+
+/// A submitted job a worker follows on Ray.
+#[derive(Debug, Clone)]
+pub struct TrackedJob {
+    pub id: Uuid,
+    pub username: String,
+    pub status: JobStatus,
+    pub ray_host: String,
+    pub program_title: String,
+    pub provider: Option<String>,
+}
+
+/// The end of a job as the tracker records it, in one transaction.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// The status to move to; ignored when the job is already terminal
+    /// (a user stop), in which case only logs and result are stored.
+    pub status: JobStatus,
+    pub reason: Option<String>,
+    pub logs: Option<String>,
+    pub result_from_file: Option<String>,
+    pub ray_start: Option<DateTime<Utc>>,
+    pub ray_end: Option<DateTime<Utc>>,
+}
+
+/// A job for which a queue wake-up should be pushed.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub job_id: Uuid,
+}

@@ -1,0 +1,112 @@
+//! What the dispatcher, tracker and reconciler of one worker process share.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shared::config::Config;
+use shared::limiter::Limiter;
+use shared::queue::DispatchQueue;
+use shared::ray::{RayClient, RayError};
+use shared::secrets::SecretBox;
+use shared::storage::PgStore;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// Ray calls on the hot path are short; a slow head is retried, not waited on.
+pub const RAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct WorkerCtx {
+    /// Unique per process (host + ULID): apalis refuses a name it saw alive
+    /// recently, and claims in SQL are keyed by it.
+    pub name: String,
+    pub config: Arc<Config>,
+    pub store: PgStore,
+    pub limiter: Limiter,
+    pub queue: DispatchQueue,
+    pub secrets: SecretBox,
+    /// Jobs this process just submitted, handed to its tracker at once.
+    pub tracked_tx: mpsc::UnboundedSender<Uuid>,
+    ray_clients: Mutex<HashMap<String, RayClient>>,
+    /// (Ray host, artifact sha256) → uploaded package URI.
+    packages: Mutex<HashMap<(String, String), String>>,
+}
+
+impl WorkerCtx {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        config: Arc<Config>,
+        store: PgStore,
+        limiter: Limiter,
+        queue: DispatchQueue,
+        secrets: SecretBox,
+        tracked_tx: mpsc::UnboundedSender<Uuid>,
+    ) -> Self {
+        WorkerCtx {
+            name,
+            config,
+            store,
+            limiter,
+            queue,
+            secrets,
+            tracked_tx,
+            ray_clients: Mutex::new(HashMap::new()),
+            packages: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The Ray head jobs go to. Local mode has one.
+    pub fn ray_host(&self) -> &str {
+        &self.config.ray.local_host
+    }
+
+    /// A pooled client per Ray head.
+    pub fn ray(&self, host: &str) -> Result<RayClient, RayError> {
+        let mut clients = self.ray_clients.lock().map_err(|_| RayError::Unreachable("client cache poisoned".into()))?;
+        if let Some(c) = clients.get(host) {
+            return Ok(c.clone());
+        }
+        let client = RayClient::new(host, RAY_TIMEOUT)?;
+        clients.insert(host.to_string(), client.clone());
+        Ok(client)
+    }
+
+    pub fn cached_package(&self, host: &str, sha: &str) -> Option<String> {
+        self.packages.lock().ok()?.get(&(host.to_string(), sha.to_string())).cloned()
+    }
+
+    pub fn remember_package(&self, host: &str, sha: &str, uri: String) {
+        if let Ok(mut p) = self.packages.lock() {
+            p.insert((host.to_string(), sha.to_string()), uri);
+        }
+    }
+
+    pub fn forget_package(&self, host: &str, sha: &str) {
+        if let Ok(mut p) = self.packages.lock() {
+            p.remove(&(host.to_string(), sha.to_string()));
+        }
+    }
+
+    /// Pushes wake-ups for the jobs that should run next now that a slot
+    /// may be free, fairest first.
+    pub async fn wake_next(&self) {
+        let candidates = match self.store.dispatch_candidates(self.config.limits.jobs_per_user, None, 16).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not pick the next jobs");
+                return;
+            }
+        };
+        let ids: Vec<Uuid> = candidates.iter().map(|c| c.job_id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        match self.queue.push(&ids).await {
+            Ok(()) => {
+                let _ = self.store.mark_enqueued(&ids).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "wake-up push failed; the reconciler retries"),
+        }
+    }
+}

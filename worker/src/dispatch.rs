@@ -1,0 +1,253 @@
+//! Dispatch: claim a QUEUED job, take its slots, stage its working dir on
+//! Ray, submit it (idempotently: `submission_id` = job id) and mark it
+//! PENDING. A user stop can land at any point; each slow step is followed by
+//! a look at the job, and what was started is undone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use apalis::prelude::{BoxDynError, Data};
+use shared::artifact::{self, ArtifactLimits};
+use shared::domain::JobStatus;
+use shared::jobenv::{self, JobSecrets};
+use shared::limiter::Acquire;
+use shared::queue::Dispatch;
+use shared::ray::{RayError, SubmitOutcome, SubmitRequest};
+use shared::storage::{DispatchJob, StorageError};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::context::WorkerCtx;
+
+/// Transient failures after which a job is failed rather than retried.
+const MAX_DISPATCH_ATTEMPTS: i32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// Worth another try later (Ray or a backing service unreachable).
+    #[error("{0}")]
+    Transient(String),
+    /// Will never work: the job fails with this reason.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<StorageError> for DispatchError {
+    fn from(e: StorageError) -> Self {
+        DispatchError::Transient(e.to_string())
+    }
+}
+
+impl From<RayError> for DispatchError {
+    fn from(e: RayError) -> Self {
+        if e.is_transient() {
+            DispatchError::Transient(e.to_string())
+        } else {
+            DispatchError::Permanent(format!("Ray refused the job: {e}"))
+        }
+    }
+}
+
+/// How a claimed job left the dispatcher.
+enum Submitted {
+    Pending,
+    StoppedBeforeSubmit,
+    StoppedAfterSubmit,
+}
+
+/// The apalis handler: one wake-up, at most one job submitted.
+pub async fn handle(task: Dispatch, ctx: Data<Arc<WorkerCtx>>) -> Result<(), BoxDynError> {
+    let ctx: Arc<WorkerCtx> = (*ctx).clone();
+    let span = tracing::info_span!("dispatch", job_id = %task.job_id, worker = %ctx.name, user = tracing::field::Empty);
+    dispatch(&ctx, task.job_id).instrument(span).await.map_err(|e| Box::new(e) as BoxDynError)
+}
+
+pub async fn dispatch(ctx: &WorkerCtx, job_id: Uuid) -> Result<(), DispatchError> {
+    let tuning = &ctx.config.worker;
+    // The claim is the only gate: a duplicate wake-up, or one for a job
+    // that left QUEUED, ends here.
+    let Some(job) = ctx.store.claim_for_dispatch(job_id, &ctx.name, tuning.claim_ttl).await? else {
+        return Ok(());
+    };
+    tracing::Span::current().record("user", job.username.as_str());
+    let id = job_id.to_string();
+    let limits = &ctx.config.limits;
+    let acquired = ctx
+        .limiter
+        .acquire(&job.username, &id, limits.jobs_per_user, limits.max_clusters, tuning.lease_ttl)
+        .await;
+    match acquired {
+        Ok(Acquire::Granted) => {}
+        Ok(full) => {
+            // Not an error and not a retry: the job waits in QUEUED and a
+            // freed slot (or the reconciler) wakes it again.
+            tracing::debug!(?full, "no free slot; the job stays queued");
+            ctx.store.release_claim(job_id, &ctx.name).await?;
+            return Ok(());
+        }
+        Err(e) => {
+            ctx.store.release_claim(job_id, &ctx.name).await?;
+            return Err(DispatchError::Transient(format!("limiter: {e}")));
+        }
+    }
+
+    let outcome = with_claim_renewal(ctx, job_id, submit(ctx, &job)).await;
+    match outcome {
+        Ok(Submitted::Pending) => {
+            tracing::info!("job submitted to Ray");
+            let _ = ctx.tracked_tx.send(job_id);
+            Ok(())
+        }
+        Ok(Submitted::StoppedAfterSubmit) => {
+            // The tracker owns it now: it stops it on Ray, keeps the logs and
+            // releases the slots.
+            tracing::info!("job stopped while it was being submitted; stopping it on Ray");
+            let _ = ctx.tracked_tx.send(job_id);
+            Ok(())
+        }
+        Ok(Submitted::StoppedBeforeSubmit) => {
+            tracing::info!("job stopped before it reached Ray");
+            release_all(ctx, &job).await;
+            Ok(())
+        }
+        Err(DispatchError::Permanent(reason)) => {
+            tracing::warn!(%reason, "job cannot be submitted");
+            ctx.store.fail_queued(job_id, &reason).await?;
+            release_all(ctx, &job).await;
+            ctx.wake_next().await;
+            Ok(())
+        }
+        Err(DispatchError::Transient(reason)) if job.dispatch_attempts >= MAX_DISPATCH_ATTEMPTS => {
+            let reason = format!("The job could not be submitted after {MAX_DISPATCH_ATTEMPTS} attempts: {reason}");
+            tracing::warn!(%reason, "giving up");
+            ctx.store.fail_queued(job_id, &reason).await?;
+            release_all(ctx, &job).await;
+            ctx.wake_next().await;
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, attempt = job.dispatch_attempts, "dispatch failed; will retry");
+            release_all(ctx, &job).await;
+            Err(e)
+        }
+    }
+}
+
+async fn release_all(ctx: &WorkerCtx, job: &DispatchJob) {
+    if let Err(e) = ctx.limiter.release(&job.username, &job.id.to_string()).await {
+        tracing::warn!(error = %e, "slot release failed; the lease expires on its own");
+    }
+    if let Err(e) = ctx.store.release_claim(job.id, &ctx.name).await {
+        tracing::warn!(error = %e, "claim release failed; the claim expires on its own");
+    }
+}
+
+/// Keeps the dispatch claim alive while a slow step (a large upload) runs.
+async fn with_claim_renewal<T>(ctx: &WorkerCtx, job_id: Uuid, work: impl Future<Output = T>) -> T {
+    let ttl = ctx.config.worker.claim_ttl;
+    let renew = async {
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if !matches!(ctx.store.renew_claim(job_id, &ctx.name, ttl).await, Ok(true)) {
+                // Lost (stopped, or the claim lapsed): the steps re-check.
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        out = work => out,
+        _ = renew => unreachable!("renewal never ends on its own"),
+    }
+}
+
+async fn still_queued(ctx: &WorkerCtx, job_id: Uuid) -> Result<bool, DispatchError> {
+    Ok(ctx.store.job_status(job_id).await? == Some(JobStatus::Queued))
+}
+
+async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, DispatchError> {
+    let host = ctx.ray_host().to_string();
+    let ray = ctx.ray(&host)?;
+    let sha = job
+        .artifact_sha256
+        .clone()
+        .ok_or_else(|| DispatchError::Permanent("The function has no artifact.".into()))?;
+
+    let working_dir = match ctx.cached_package(&host, &sha) {
+        Some(uri) => uri,
+        None => {
+            let tar = ctx
+                .store
+                .artifact(&sha)
+                .await?
+                .ok_or_else(|| DispatchError::Permanent("The function's artifact is missing.".into()))?;
+            let limits = ArtifactLimits { max_bytes: ctx.config.max_artifact_bytes, ..ArtifactLimits::default() };
+            let zip = tokio::task::spawn_blocking(move || artifact::tar_to_zip(&tar, &limits))
+                .await
+                .map_err(|e| DispatchError::Transient(e.to_string()))?
+                .map_err(|e| DispatchError::Permanent(format!("The artifact cannot be used: {e}")))?;
+            let uri = ray.ensure_package(&zip).await?;
+            ctx.remember_package(&host, &sha, uri.clone());
+            uri
+        }
+    };
+
+    let secrets = match &job.env_sealed {
+        Some(sealed) => JobSecrets::open(sealed, &ctx.secrets).map_err(|e| DispatchError::Permanent(e.to_string()))?,
+        None => return Err(DispatchError::Permanent("The job's credentials are gone.".into())),
+    };
+    let function_env: BTreeMap<String, String> = match &job.program_env_sealed {
+        Some(sealed) => {
+            let plain = ctx.secrets.open(sealed).map_err(|e| DispatchError::Permanent(e.to_string()))?;
+            serde_json::from_slice(&plain).map_err(|e| DispatchError::Permanent(format!("function env_vars: {e}")))?
+        }
+        None => BTreeMap::new(),
+    };
+    write_job_files(ctx, job).await?;
+    let env = jobenv::build_env(job.id, &job.username, &job.arguments, &secrets, &ctx.config.ray_data_path, &function_env);
+
+    if !ctx.config.worker.dispatch_pause.is_zero() {
+        tokio::time::sleep(ctx.config.worker.dispatch_pause).await;
+    }
+    if !still_queued(ctx, job.id).await? {
+        return Ok(Submitted::StoppedBeforeSubmit);
+    }
+
+    let request = SubmitRequest {
+        submission_id: job.id.to_string(),
+        entrypoint: format!("python {}", job.entrypoint),
+        working_dir,
+        env_vars: env,
+        pip: job.pip.clone(),
+    };
+    match ray.submit(&request).await {
+        Ok(SubmitOutcome::Submitted) => {}
+        Ok(SubmitOutcome::AlreadyExists) => tracing::info!("Ray already had this job (a retried dispatch)"),
+        Err(e) => {
+            // A package Ray lost (a restarted head) is uploaded again next time.
+            ctx.forget_package(&host, &sha);
+            return Err(e.into());
+        }
+    }
+    if ctx.store.mark_pending(job.id, &ctx.name, &host).await? {
+        Ok(Submitted::Pending)
+    } else {
+        let _ = ray.stop(&job.id.to_string()).await;
+        ctx.store.mark_submitted_after_stop(job.id, &host).await?;
+        Ok(Submitted::StoppedAfterSubmit)
+    }
+}
+
+/// The arguments file the current SDK reads, and the results directory it
+/// writes into, under the data dir shared with the Ray node.
+async fn write_job_files(ctx: &WorkerCtx, job: &DispatchJob) -> Result<(), DispatchError> {
+    let args_path = jobenv::arguments_file(&ctx.config.data_dir, &job.username, job.id);
+    let results_path = jobenv::results_file(&ctx.config.data_dir, &job.username, job.id);
+    let io = |e: std::io::Error| DispatchError::Transient(format!("writing job files: {e}"));
+    for dir in [args_path.parent(), results_path.parent()].into_iter().flatten() {
+        tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    }
+    tokio::fs::write(&args_path, job.arguments.as_bytes()).await.map_err(io)?;
+    Ok(())
+}
