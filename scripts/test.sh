@@ -527,7 +527,7 @@ http_ok() { "$VENV_PY" -c 'import sys, urllib.request; urllib.request.urlopen(sy
 ray_failed() {
   local f
   show_tail "$RAY_LOG" 20
-  for f in dashboard.log gcs_server.out raylet.out dashboard_agent.log; do
+  for f in dashboard.log gcs_server.err raylet.err raylet.out dashboard_agent.log; do
     show_tail "$RUN_TMP/session_latest/logs/$f" 15
   done
   die "$1"

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpListener};
-use poem::middleware::{NormalizePath, SizeLimit, TrailingSlash};
-use poem::{EndpointExt, Route, get};
+use poem::middleware::{NormalizePath, TrailingSlash};
+use poem::{Endpoint, EndpointExt, IntoResponse, Route, get};
 use poem_openapi::OpenApiService;
 use shared::config::{Backend, Config};
 use shared::queue::DispatchQueue;
@@ -87,8 +87,9 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
     let swagger_too = api.swagger_ui();
     let spec = api.spec_endpoint();
     Route::new()
-        // The original rewrites `/api...` paths to end in a slash; so do we.
-        .nest("/api/v1", api.with(NormalizePath::new(TrailingSlash::Always)))
+        // Paths work with and without the trailing slash, as in the original
+        // (poem-openapi registers them without it).
+        .nest("/api/v1", api.with(NormalizePath::new(TrailingSlash::Trim)))
         .at("/liveness", get(health::liveness))
         .at("/liveness/", get(health::liveness))
         .at("/readiness", get(health::readiness))
@@ -98,7 +99,15 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
         .at("/openapi.json", spec)
         .nest("/docs", swagger)
         .nest("/swagger", swagger_too)
-        .with(SizeLimit::new(body_limit))
+        .around(move |ep, req| async move {
+            // Refuse an oversized body before reading it (uploads are capped
+            // again, exactly, as they are parsed).
+            let declared = req.header("content-length").and_then(|v| v.parse::<usize>().ok());
+            if declared.is_some_and(|len| len > body_limit) {
+                return Err(error::ApiError::PayloadTooLarge("The request body is too large.".into()).into());
+            }
+            ep.call(req).await.map(IntoResponse::into_response)
+        })
         .data(state)
         .catch_all_error(error::to_json)
 }

@@ -144,14 +144,19 @@ pub fn tar_to_zip(bytes: &[u8], limits: &ArtifactLimits) -> Result<Vec<u8>, Arti
                 writer
                     .start_file(name, base.unix_permissions(mode))
                     .map_err(zip_error)?;
-                writer.write_all(file.data).map_err(|e| zip_error(e.into()))?;
+                writer
+                    .write_all(file.data)
+                    .map_err(|e| zip_error(e.into()))?;
             }
         }
     }
     let zip = writer.finish().map_err(zip_error)?.into_inner();
     if zip.len() as u64 > limits.max_bytes {
         return Err(too_large(
-            format!("the packaged working directory is {}", human(zip.len() as u64)),
+            format!(
+                "the packaged working directory is {}",
+                human(zip.len() as u64)
+            ),
             limits.max_bytes,
         ));
     }
@@ -162,7 +167,11 @@ pub fn tar_to_zip(bytes: &[u8], limits: &ArtifactLimits) -> Result<Vec<u8>, Arti
 /// is fully checked before anything is written. Files are created with `create_new` (an
 /// existing path is never overwritten or followed), with mode 0755 or 0644; no symbolic link is
 /// created (safe links to files become copies, see the module documentation).
-pub fn extract_tar(bytes: &[u8], dest: &Path, limits: &ArtifactLimits) -> Result<(), ArtifactError> {
+pub fn extract_tar(
+    bytes: &[u8],
+    dest: &Path,
+    limits: &ArtifactLimits,
+) -> Result<(), ArtifactError> {
     let plan = plan(bytes, limits)?;
     let io_err = |path: &Path| {
         let path = path.display().to_string();
@@ -322,7 +331,9 @@ fn plan<'a>(bytes: &'a [u8], limits: &ArtifactLimits) -> Result<Plan<'a>, Artifa
                 )));
             }
             if target.len() > MAX_PATH_BYTES {
-                return Err(invalid(format!("symbolic link `{path}` has a too long target")));
+                return Err(invalid(format!(
+                    "symbolic link `{path}` has a too long target"
+                )));
             }
             Node::Symlink { target }
         } else if kind.is_hard_link() {
@@ -334,7 +345,9 @@ fn plan<'a>(bytes: &'a [u8], limits: &ArtifactLimits) -> Result<Plan<'a>, Artifa
         } else if kind.is_fifo() {
             return Err(invalid(format!("FIFOs are not allowed (`{path}`)")));
         } else if kind.is_gnu_sparse() {
-            return Err(invalid(format!("sparse files are not supported (`{path}`)")));
+            return Err(invalid(format!(
+                "sparse files are not supported (`{path}`)"
+            )));
         } else {
             return Err(invalid(format!(
                 "entry `{path}` has an unsupported type (`{}`)",
@@ -433,7 +446,11 @@ enum Unresolved {
 /// Resolves the target of the link at `link_path` inside the archive, following the archive's
 /// links like the kernel would. Returns the normalised path it designates (`""` = root), which
 /// may not exist.
-fn resolve(nodes: &BTreeMap<String, Node<'_>>, link_path: &str, target: &str) -> Result<String, Unresolved> {
+fn resolve(
+    nodes: &BTreeMap<String, Node<'_>>,
+    link_path: &str,
+    target: &str,
+) -> Result<String, Unresolved> {
     let mut current: Vec<&str> = link_path.split('/').collect();
     current.pop(); // the link's own name: its target is relative to its directory
     let mut pending: VecDeque<&str> = target.split('/').collect();
@@ -474,10 +491,15 @@ fn normalise(raw: &[u8]) -> Result<String, ArtifactError> {
     let path = std::str::from_utf8(raw)
         .map_err(|_| invalid(format!("path `{}` is not valid UTF-8", shown())))?;
     if path.starts_with('/') {
-        return Err(invalid(format!("absolute paths are not allowed (`{path}`)")));
+        return Err(invalid(format!(
+            "absolute paths are not allowed (`{path}`)"
+        )));
     }
     if path.len() > MAX_PATH_BYTES {
-        return Err(invalid(format!("path `{}…` is too long", &path[..path.floor_char_boundary(64)])));
+        return Err(invalid(format!(
+            "path `{}…` is too long",
+            &path[..path.floor_char_boundary(64)]
+        )));
     }
     if path.contains('\\') {
         return Err(invalid(format!(
@@ -485,14 +507,19 @@ fn normalise(raw: &[u8]) -> Result<String, ArtifactError> {
         )));
     }
     if path.contains('\0') {
-        return Err(invalid(format!("path `{}` contains a NUL byte", path.escape_default())));
+        return Err(invalid(format!(
+            "path `{}` contains a NUL byte",
+            path.escape_default()
+        )));
     }
     let mut parts = Vec::new();
     for component in path.split('/') {
         match component {
             "" | "." => {}
             ".." => {
-                return Err(invalid(format!("paths with `..` are not allowed (`{path}`)")));
+                return Err(invalid(format!(
+                    "paths with `..` are not allowed (`{path}`)"
+                )));
             }
             name if name.len() > MAX_NAME_BYTES => {
                 return Err(invalid(format!("a name in `{path}` is too long")));
@@ -738,9 +765,19 @@ mod tests {
             .long_pax(&pax, b"pax data")
             .finish();
         let summary = validate_tar(&tar, &limits()).unwrap();
-        assert_eq!(summary.files, [gnu.clone(), pax.clone(), "main.py".to_owned()]);
+        assert_eq!(
+            summary.files,
+            [gnu.clone(), pax.clone(), "main.py".to_owned()]
+        );
         let entries = read_zip(&tar_to_zip(&tar, &limits()).unwrap());
-        let get = |name: &str| entries.iter().find(|(n, _, _)| n == name).unwrap().1.clone();
+        let get = |name: &str| {
+            entries
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .unwrap()
+                .1
+                .clone()
+        };
         assert_eq!(get(&gnu).unwrap(), b"gnu data");
         assert_eq!(get(&pax).unwrap(), b"pax data");
         assert_eq!(get(&format!("{long_dir}/")), None);
@@ -763,17 +800,26 @@ mod tests {
     #[test]
     fn rejects_traversal() {
         for name in ["../x", "a/../../x", "./../x", "a/.."] {
-            let tar = TarBuilder::new().file("main.py", b"1").file(name, b"x").finish();
+            let tar = TarBuilder::new()
+                .file("main.py", b"1")
+                .file(name, b"x")
+                .finish();
             let message = invalid_message(&tar);
             assert!(message.contains("`..`"), "{name}: {message}");
         }
-        let tar = TarBuilder::new().dir("../up").file("main.py", b"1").finish();
+        let tar = TarBuilder::new()
+            .dir("../up")
+            .file("main.py", b"1")
+            .finish();
         assert!(invalid_message(&tar).contains("`..`"));
     }
 
     #[test]
     fn rejects_absolute_paths() {
-        let tar = TarBuilder::new().file("main.py", b"1").file("/etc/x", b"x").finish();
+        let tar = TarBuilder::new()
+            .file("main.py", b"1")
+            .file("/etc/x", b"x")
+            .finish();
         let message = invalid_message(&tar);
         assert!(message.contains("absolute"), "{message}");
     }
@@ -787,7 +833,10 @@ mod tests {
             ("abs", "/etc/passwd"),
         ];
         for (name, target) in cases {
-            let tar = TarBuilder::new().file("main.py", b"1").symlink(name, target).finish();
+            let tar = TarBuilder::new()
+                .file("main.py", b"1")
+                .symlink(name, target)
+                .finish();
             let message = invalid_message(&tar);
             assert!(
                 message.contains("outside") || message.contains("absolute"),
@@ -841,9 +890,16 @@ mod tests {
 
     #[test]
     fn rejects_duplicates_but_not_repeated_directories() {
-        let tar = TarBuilder::new().file("main.py", b"1").file("./main.py", b"2").finish();
+        let tar = TarBuilder::new()
+            .file("main.py", b"1")
+            .file("./main.py", b"2")
+            .finish();
         assert!(invalid_message(&tar).contains("more than once"));
-        let tar = TarBuilder::new().dir("a").dir("./a/").file("a/main.py", b"1").finish();
+        let tar = TarBuilder::new()
+            .dir("a")
+            .dir("./a/")
+            .file("a/main.py", b"1")
+            .finish();
         assert!(validate_tar(&tar, &limits()).is_ok());
     }
 
@@ -859,7 +915,10 @@ mod tests {
             (tar::EntryType::Block, "device"),
             (tar::EntryType::Fifo, "FIFO"),
         ] {
-            let tar = TarBuilder::new().file("main.py", b"1").special(kind, "dev").finish();
+            let tar = TarBuilder::new()
+                .file("main.py", b"1")
+                .special(kind, "dev")
+                .finish();
             let message = invalid_message(&tar);
             assert!(message.contains(word), "{message}");
         }
@@ -886,7 +945,10 @@ mod tests {
             max_entries: 10,
             ..limits()
         };
-        assert!(matches!(validate_tar(&tar, &few), Err(ArtifactError::TooLarge { .. })));
+        assert!(matches!(
+            validate_tar(&tar, &few),
+            Err(ArtifactError::TooLarge { .. })
+        ));
         let enough = ArtifactLimits {
             max_entries: 11,
             ..limits()
@@ -901,7 +963,10 @@ mod tests {
         };
         let error = validate_tar(&tar, &small).unwrap_err();
         assert!(matches!(error, ArtifactError::TooLarge { .. }));
-        assert!(error.to_string().contains("the archive is 6.5 KiB"), "{error}");
+        assert!(
+            error.to_string().contains("the archive is 6.5 KiB"),
+            "{error}"
+        );
 
         // Unpacked total.
         let tar = TarBuilder::new()
@@ -965,7 +1030,11 @@ mod tests {
             ("a/b/c.txt".into(), Some(b"deep".to_vec()), 0o100644),
             ("empty/".into(), None, 0o040755),
             ("main.py".into(), Some(b"print('hi')\n".to_vec()), 0o100644),
-            ("run.sh".into(), Some(b"#!/bin/sh\necho hi\n".to_vec()), 0o100755),
+            (
+                "run.sh".into(),
+                Some(b"#!/bin/sh\necho hi\n".to_vec()),
+                0o100755,
+            ),
         ];
         assert_eq!(entries, expected);
     }
@@ -1012,7 +1081,9 @@ mod tests {
         let names: Vec<_> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["alias.py", "bin/", "bin/tool", "main.py", "sub/", "sub/tool", "via_dir"]
+            [
+                "alias.py", "bin/", "bin/tool", "main.py", "sub/", "sub/tool", "via_dir"
+            ]
         );
         let by_name = |name: &str| entries.iter().find(|(n, _, _)| n == name).unwrap();
         assert_eq!(by_name("alias.py").1.as_deref(), Some(&b"main"[..]));
@@ -1032,7 +1103,10 @@ mod tests {
             max_unpacked_bytes: 10_000,
             ..limits()
         };
-        assert!(matches!(validate_tar(&tar, &cap), Err(ArtifactError::TooLarge { .. })));
+        assert!(matches!(
+            validate_tar(&tar, &cap),
+            Err(ArtifactError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -1046,7 +1120,10 @@ mod tests {
             .finish();
         let dir = tempfile::tempdir().unwrap();
         extract_tar(&tar, dir.path(), &limits()).unwrap();
-        assert_eq!(std::fs::read(dir.path().join("pkg/mod.py")).unwrap(), b"X = 1\n");
+        assert_eq!(
+            std::fs::read(dir.path().join("pkg/mod.py")).unwrap(),
+            b"X = 1\n"
+        );
         let alias = dir.path().join("alias.py");
         assert!(!alias.symlink_metadata().unwrap().file_type().is_symlink());
         assert_eq!(std::fs::read(alias).unwrap(), b"X = 1\n");
@@ -1055,7 +1132,11 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = |p: &str| {
-                std::fs::metadata(dir.path().join(p)).unwrap().permissions().mode() & 0o777
+                std::fs::metadata(dir.path().join(p))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777
             };
             // The process umask may clear group/other bits: check the owner's.
             assert_eq!(mode("run.sh") & 0o700, 0o700);
@@ -1070,7 +1151,10 @@ mod tests {
 
     #[test]
     fn extraction_refuses_unsafe_archives_before_writing() {
-        let tar = TarBuilder::new().file("main.py", b"1").file("../evil", b"x").finish();
+        let tar = TarBuilder::new()
+            .file("main.py", b"1")
+            .file("../evil", b"x")
+            .finish();
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             extract_tar(&tar, dir.path(), &limits()),

@@ -3,15 +3,22 @@
 //! Behaviour of Ray 2.60 that this client relies on (checked against a real head):
 //! - `GET /api/packages/gcs/<name>` answers 404 for a missing package and 200 (empty body) for
 //!   a present one; either way it *pins* the URI for `RAY_RUNTIME_ENV_URI_PIN_EXPIRATION_S`
-//!   (600 s by default) so that a following `PUT` and job submission cannot race Ray's garbage
-//!   collection of unreferenced packages. So always call [`RayClient::ensure_package`] right
-//!   before [`RayClient::submit`], never cache "already uploaded". `PUT` takes the raw zip;
-//!   the dashboard refuses bodies above 100 MiB.
+//!   (600 s by default) so that the following `PUT` and submission cannot race a clean-up.
+//!   `PUT` takes the raw zip; the dashboard refuses bodies above 100 MiB. Packages live in the
+//!   head's in-memory GCS: they outlived their pins here (not deleted 40 s after a 5 s pin
+//!   expired, with or without a finished job using them) but are gone after a head restart
+//!   (same URL, new `session_name` in `/api/version`). A submission naming a missing package
+//!   is still accepted (200); the job then FAILS with `error_type`
+//!   `RUNTIME_ENV_SETUP_FAILURE`. So call [`RayClient::ensure_package`] (one GET when present)
+//!   before each submission, or key any cache by [`RayVersion::session_name`].
+//! - `runtime_env.working_dir` set to a plain directory is *accepted* by `POST /api/jobs/`;
+//!   the job then fails ("… is not a valid URI").
 //! - `POST /api/jobs/` (the trailing slash matters: `/api/jobs` is a 404) → 200
 //!   `{"job_id", "submission_id"}`. Re-using a `submission_id` answers **500** whose text
 //!   contains "Job with submission_id <id> already exists" (the job agent's 400 wrapped by the
 //!   head). But once a job is deleted (`DELETE /api/jobs/<id>`), the same id can be submitted
-//!   again and runs again.
+//!   again and runs again; and a delete within 1–2 s of the job's end is undone by
+//!   Ray's job monitor, which writes the job back as FAILED (see [`RayClient::delete`]).
 //! - `GET /api/jobs/<id>` → 404 with a plain-text body for an unknown id. `start_time` is set
 //!   at submission (already while PENDING); `driver_exit_code` stays null for a stopped job.
 //!   The answer includes `runtime_env.env_vars` in clear: it is never logged nor put into an
@@ -165,7 +172,18 @@ struct JobDetails {
 
 fn number_to_i64(number: Option<serde_json::Number>) -> Option<i64> {
     let number = number?;
-    number.as_i64().or_else(|| number.as_f64().map(|f| f as i64))
+    number
+        .as_i64()
+        .or_else(|| number.as_f64().map(|f| f as i64))
+}
+
+/// What `GET /api/version` tells about a head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RayVersion {
+    /// e.g. `2.60.0`.
+    pub ray_version: String,
+    /// e.g. `session_2026-12-03_13-24-08_308779_11400`; new at every head start.
+    pub session_name: Option<String>,
 }
 
 /// A client for one Ray head's dashboard. Cheap to clone (shares the connection pool).
@@ -215,16 +233,27 @@ impl RayClient {
     }
 
     /// `GET /api/version`: Ray's version, e.g. `2.60.0`. A cheap liveness check.
-    #[tracing::instrument(name = "ray.version", skip_all, fields(ray = %self.base_str))]
     pub async fn version(&self) -> Result<String, RayError> {
+        Ok(self.version_info().await?.ray_version)
+    }
+
+    /// `GET /api/version` with the head's session name, which changes when the head restarts
+    /// (and with it every package and job it held): use it to key anything cached per head.
+    #[tracing::instrument(name = "ray.version", skip_all, fields(ray = %self.base_str))]
+    pub async fn version_info(&self) -> Result<RayVersion, RayError> {
         #[derive(Deserialize)]
         struct Version {
             ray_version: String,
+            #[serde(default)]
+            session_name: Option<String>,
         }
         let response = self.send(Method::GET, &["api", "version"], None).await?;
         let response = expect_ok(response).await?;
         let version: Version = decode_json(response, "version").await?;
-        Ok(version.ray_version)
+        Ok(RayVersion {
+            ray_version: version.ray_version,
+            session_name: version.session_name,
+        })
     }
 
     /// Makes sure the zip is stored in Ray's GCS under its content-addressed name and returns
@@ -263,7 +292,10 @@ impl RayClient {
         }
         let mut runtime_env = serde_json::Map::new();
         runtime_env.insert("working_dir".into(), req.working_dir.clone().into());
-        runtime_env.insert("env_vars".into(), serde_json::to_value(&req.env_vars).unwrap_or_default());
+        runtime_env.insert(
+            "env_vars".into(),
+            serde_json::to_value(&req.env_vars).unwrap_or_default(),
+        );
         if !req.pip.is_empty() {
             runtime_env.insert("pip".into(), req.pip.clone().into());
         }
@@ -273,7 +305,9 @@ impl RayClient {
             "runtime_env": runtime_env,
         });
         let body = bytes::Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
-        let response = self.send(Method::POST, &["api", "jobs", ""], Some(body)).await?;
+        let response = self
+            .send(Method::POST, &["api", "jobs", ""], Some(body))
+            .await?;
         if response.status().is_success() {
             tracing::debug!("job submitted");
             return Ok(SubmitOutcome::Submitted);
@@ -298,7 +332,9 @@ impl RayClient {
         if !usable_id(submission_id) {
             return Ok(None);
         }
-        let response = self.send(Method::GET, &["api", "jobs", submission_id], None).await?;
+        let response = self
+            .send(Method::GET, &["api", "jobs", submission_id], None)
+            .await?;
         if response.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -319,7 +355,11 @@ impl RayClient {
     /// starts with the line `[... log truncated: showing the last N bytes ...]` and the kept
     /// part starts on a character boundary. An unknown id is `RayError::Http` with status 404.
     #[tracing::instrument(name = "ray.logs", skip_all, fields(submission_id = %submission_id))]
-    pub async fn logs_tail(&self, submission_id: &str, max_bytes: usize) -> Result<String, RayError> {
+    pub async fn logs_tail(
+        &self,
+        submission_id: &str,
+        max_bytes: usize,
+    ) -> Result<String, RayError> {
         if !usable_id(submission_id) {
             return Err(RayError::Http {
                 status: 404,
@@ -364,9 +404,14 @@ impl RayClient {
     }
 
     /// `DELETE /api/jobs/<id>`: forgets a finished job (its info, which holds the env vars in
-    /// clear, and its logs). True if deleted, false if Ray does not know the id. Ray refuses to
-    /// delete a job that is not terminal (HTTP 500). After a delete, the same submission id can
-    /// be submitted, and run, again.
+    /// clear). True if deleted, false if Ray does not know the id. Ray refuses to delete a job
+    /// that is not terminal (HTTP 500).
+    ///
+    /// Two traps (Ray 2.60): delete only a few seconds (≥ 3 s) after the job became terminal:
+    /// Ray's job monitor checks each job every second, and if the job's info is gone before it
+    /// has seen the end, it writes the job back as FAILED ("Job supervisor actor died"). And
+    /// after a delete the same submission id is accepted, and runs, again: delete only jobs
+    /// whose end is stored on our side.
     #[tracing::instrument(name = "ray.delete", skip_all, fields(submission_id = %submission_id))]
     pub async fn delete(&self, submission_id: &str) -> Result<bool, RayError> {
         #[derive(Deserialize)]
@@ -482,8 +527,7 @@ async fn decode_json<T: serde::de::DeserializeOwned>(
     what: &str,
 ) -> Result<T, RayError> {
     let bytes = response.bytes().await.map_err(transport_error)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| RayError::Decode(format!("{what} answer: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| RayError::Decode(format!("{what} answer: {e}")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -510,7 +554,9 @@ enum State {
     /// Before `{`.
     Start,
     /// After `{` (`first`) or `,`: a key, or `}` if first.
-    KeyOrEnd { first: bool },
+    KeyOrEnd {
+        first: bool,
+    },
     Key,
     Colon,
     Value,
@@ -659,7 +705,10 @@ impl LogsTailDecoder {
             }
             State::Logs => {
                 let tail = &mut self.tail;
-                if self.string.byte(byte, &mut |bytes: &[u8]| tail.extend(bytes))? {
+                if self
+                    .string
+                    .byte(byte, &mut |bytes: &[u8]| tail.extend(bytes))?
+                {
                     self.state = State::CommaOrEnd;
                 }
             }
@@ -763,7 +812,10 @@ impl StringDecoder {
             }
             Escape::Backslash => {
                 if byte == b'u' {
-                    self.escape = Escape::Hex { value: 0, digits: 0 };
+                    self.escape = Escape::Hex {
+                        value: 0,
+                        digits: 0,
+                    };
                     return Ok(false);
                 }
                 if self.high.take().is_some() {
@@ -909,7 +961,11 @@ mod tests {
     /// Every way of cutting `json` gives the same result as feeding it whole.
     fn assert_chunking_invariant(json: &str, max: usize) -> String {
         let whole = decode(json, max);
-        assert_eq!(decode_in_chunks(json.as_bytes(), max, &mut || 1), whole, "byte by byte");
+        assert_eq!(
+            decode_in_chunks(json.as_bytes(), max, &mut || 1),
+            whole,
+            "byte by byte"
+        );
         // A small deterministic generator (xorshift), so failures can be replayed.
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
         for _ in 0..50 {
@@ -919,7 +975,11 @@ mod tests {
                 seed ^= seed << 17;
                 (seed % 17) as usize + 1
             };
-            assert_eq!(decode_in_chunks(json.as_bytes(), max, &mut next), whole, "random chunks");
+            assert_eq!(
+                decode_in_chunks(json.as_bytes(), max, &mut next),
+                whole,
+                "random chunks"
+            );
         }
         whole
     }
@@ -961,13 +1021,19 @@ mod tests {
         let json = serde_json::json!({ "logs": lines }).to_string();
         let text = assert_chunking_invariant(&json, 100);
         let (marker, tail) = text.split_once('\n').unwrap();
-        assert_eq!(marker, "[... log truncated: showing the last 100 bytes ...]");
+        assert_eq!(
+            marker,
+            "[... log truncated: showing the last 100 bytes ...]"
+        );
         assert_eq!(tail.len(), 100);
         assert!(lines.ends_with(tail));
         assert!(tail.ends_with("line 0999\n"));
         // Exactly at the limit: nothing cut, no marker.
         let exact = "x".repeat(100);
-        assert_eq!(decode(&serde_json::json!({ "logs": exact }).to_string(), 100), exact);
+        assert_eq!(
+            decode(&serde_json::json!({ "logs": exact }).to_string(), 100),
+            exact
+        );
     }
 
     #[test]
@@ -978,11 +1044,17 @@ mod tests {
         for max in 1..40 {
             let out = assert_chunking_invariant(&json, max);
             let (marker, tail) = out.split_once('\n').unwrap();
-            assert!(tail.len() <= max && tail.len() + 3 >= max, "max {max}: {tail:?}");
+            assert!(
+                tail.len() <= max && tail.len() + 3 >= max,
+                "max {max}: {tail:?}"
+            );
             assert!(text.ends_with(tail));
             assert_eq!(
                 marker,
-                format!("[... log truncated: showing the last {} bytes ...]", tail.len())
+                format!(
+                    "[... log truncated: showing the last {} bytes ...]",
+                    tail.len()
+                )
             );
         }
     }
@@ -1025,8 +1097,13 @@ mod tests {
             r#"{"logs" "a"}"#,
         ] {
             let mut decoder = LogsTailDecoder::new(10);
-            let result = decoder.feed(json.as_bytes()).and_then(|()| decoder.finish());
-            assert!(matches!(result, Err(RayError::Decode(_))), "{json}: {result:?}");
+            let result = decoder
+                .feed(json.as_bytes())
+                .and_then(|()| decoder.finish());
+            assert!(
+                matches!(result, Err(RayError::Decode(_))),
+                "{json}: {result:?}"
+            );
         }
     }
 
@@ -1074,13 +1151,19 @@ mod tests {
         crate::init_crypto();
         let client = RayClient::new("http://127.0.0.1:8265/", Duration::from_secs(1)).unwrap();
         assert_eq!(client.base_url(), "http://127.0.0.1:8265");
-        assert_eq!(client.url(&["api", "jobs", ""]).as_str(), "http://127.0.0.1:8265/api/jobs/");
+        assert_eq!(
+            client.url(&["api", "jobs", ""]).as_str(),
+            "http://127.0.0.1:8265/api/jobs/"
+        );
         assert_eq!(
             client.url(&["api", "jobs", "a/b?c", "logs"]).as_str(),
             "http://127.0.0.1:8265/api/jobs/a%2Fb%3Fc/logs"
         );
         let prefixed = RayClient::new("https://proxy/ray/", Duration::from_secs(1)).unwrap();
-        assert_eq!(prefixed.url(&["api", "version"]).as_str(), "https://proxy/ray/api/version");
+        assert_eq!(
+            prefixed.url(&["api", "version"]).as_str(),
+            "https://proxy/ray/api/version"
+        );
         assert!(RayClient::new("not a url", Duration::from_secs(1)).is_err());
         assert!(RayClient::new("ftp://host", Duration::from_secs(1)).is_err());
     }

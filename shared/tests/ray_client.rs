@@ -200,7 +200,10 @@ fn recording_forwarder() -> (String, Arc<Mutex<Vec<u8>>>) {
 }
 
 fn count(haystack: &[u8], needle: &str) -> usize {
-    haystack.windows(needle.len()).filter(|w| *w == needle.as_bytes()).count()
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle.as_bytes())
+        .count()
 }
 
 /// Ray's job monitor looks at a job every second: deleting a job before it has seen the end
@@ -212,8 +215,17 @@ async fn delete_when_settled(client: &RayClient, id: &str) {
 
 #[tokio::test]
 async fn version_answers() {
-    let version = client().version().await.unwrap();
+    let client = client();
+    let version = client.version().await.unwrap();
     assert!(version.starts_with("2."), "{version}");
+    let info = client.version_info().await.unwrap();
+    assert_eq!(info.ray_version, version);
+    let session = info.session_name.expect("a session name");
+    assert!(session.starts_with("session_"), "{session}");
+    assert_eq!(
+        client.version_info().await.unwrap().session_name,
+        Some(session)
+    );
 }
 
 #[tokio::test]
@@ -229,7 +241,10 @@ async fn ensure_package_uploads_once() {
     let first = client.ensure_package(&zip).await.unwrap();
     assert_eq!(first, format!("gcs://{name}"));
     let after_first = sent.lock().unwrap().clone();
-    assert_eq!((count(&after_first, &get), count(&after_first, &put)), (1, 1));
+    assert_eq!(
+        (count(&after_first, &get), count(&after_first, &put)),
+        (1, 1)
+    );
 
     let second = client.ensure_package(&zip).await.unwrap();
     assert_eq!(second, first);
@@ -245,19 +260,26 @@ async fn ensure_package_uploads_once() {
 async fn job_runs_to_success_and_is_idempotent() {
     let captured = captured_traces();
     let client = client();
-    let working_dir = client.ensure_package(&working_dir_zip("main")).await.unwrap();
+    let working_dir = client
+        .ensure_package(&working_dir_zip("main"))
+        .await
+        .unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let out_file = out_dir.path().join("result.txt");
     let secret = format!("secret-{}", uuid::Uuid::new_v4());
 
     let id = fresh_id();
     let mut req = request(&id, "python main.py", &working_dir);
-    req.env_vars.insert("QS_TEST_OUT".into(), out_file.display().to_string());
+    req.env_vars
+        .insert("QS_TEST_OUT".into(), out_file.display().to_string());
     req.env_vars.insert("QS_TEST_VALUE".into(), secret.clone());
 
     assert_eq!(client.submit(&req).await.unwrap(), SubmitOutcome::Submitted);
     let started = Instant::now();
-    let info = wait_for(&client, &id, Duration::from_secs(120), |i| i.status.is_terminal()).await;
+    let info = wait_for(&client, &id, Duration::from_secs(120), |i| {
+        i.status.is_terminal()
+    })
+    .await;
     assert_eq!(info.status, RayJobStatus::Succeeded, "{:?}", info.message);
     eprintln!("submit → SUCCEEDED observed after {:?}", started.elapsed());
     let (start, end) = (info.start_time_ms.unwrap(), info.end_time_ms.unwrap());
@@ -273,7 +295,10 @@ async fn job_runs_to_success_and_is_idempotent() {
     }
 
     // The same submission id again: recognised, not an error, and nothing re-runs.
-    assert_eq!(client.submit(&req).await.unwrap(), SubmitOutcome::AlreadyExists);
+    assert_eq!(
+        client.submit(&req).await.unwrap(),
+        SubmitOutcome::AlreadyExists
+    );
     let again = client.job(&id).await.unwrap().unwrap();
     assert_eq!(again, info);
 
@@ -282,7 +307,10 @@ async fn job_runs_to_success_and_is_idempotent() {
 
     // Secrets never reach the logs of the gateway.
     let traces = captured.text();
-    assert!(traces.contains(&id), "spans carry the submission id: {traces}");
+    assert!(
+        traces.contains(&id),
+        "spans carry the submission id: {traces}"
+    );
     assert!(!traces.contains(&secret), "a secret was logged: {traces}");
 
     // Deleting forgets the job (and its env) in Ray, for good once Ray's monitor has settled.
@@ -313,7 +341,10 @@ async fn unknown_ids() {
 #[tokio::test]
 async fn sleeping_job_is_stopped() {
     let client = client();
-    let working_dir = client.ensure_package(&working_dir_zip("sleep")).await.unwrap();
+    let working_dir = client
+        .ensure_package(&working_dir_zip("sleep"))
+        .await
+        .unwrap();
     let id = fresh_id();
     let req = request(&id, "python sleep.py", &working_dir);
     assert_eq!(client.submit(&req).await.unwrap(), SubmitOutcome::Submitted);
@@ -322,22 +353,34 @@ async fn sleeping_job_is_stopped() {
     })
     .await;
     assert!(client.stop(&id).await.unwrap());
-    let info = wait_for(&client, &id, Duration::from_secs(60), |i| i.status.is_terminal()).await;
+    let info = wait_for(&client, &id, Duration::from_secs(60), |i| {
+        i.status.is_terminal()
+    })
+    .await;
     assert_eq!(info.status, RayJobStatus::Stopped, "{:?}", info.message);
     assert!(info.end_time_ms.is_some());
     assert_eq!(info.driver_exit_code, None);
-    assert!(!client.stop(&id).await.unwrap(), "a second stop stops nothing");
+    assert!(
+        !client.stop(&id).await.unwrap(),
+        "a second stop stops nothing"
+    );
     delete_when_settled(&client, &id).await;
 }
 
 #[tokio::test]
 async fn huge_log_gives_a_bounded_tail() {
     let client = client();
-    let working_dir = client.ensure_package(&working_dir_zip("big")).await.unwrap();
+    let working_dir = client
+        .ensure_package(&working_dir_zip("big"))
+        .await
+        .unwrap();
     let id = fresh_id();
     let req = request(&id, "python big.py", &working_dir);
     assert_eq!(client.submit(&req).await.unwrap(), SubmitOutcome::Submitted);
-    let info = wait_for(&client, &id, Duration::from_secs(120), |i| i.status.is_terminal()).await;
+    let info = wait_for(&client, &id, Duration::from_secs(120), |i| {
+        i.status.is_terminal()
+    })
+    .await;
     assert_eq!(info.status, RayJobStatus::Succeeded, "{:?}", info.message);
 
     let max = 64 * 1024;
@@ -345,10 +388,17 @@ async fn huge_log_gives_a_bounded_tail() {
     let (marker, tail) = logs.split_once('\n').unwrap();
     assert_eq!(
         marker,
-        format!("[... log truncated: showing the last {} bytes ...]", tail.len())
+        format!(
+            "[... log truncated: showing the last {} bytes ...]",
+            tail.len()
+        )
     );
     assert!(tail.len() <= max && tail.len() + 3 >= max, "{}", tail.len());
-    assert!(tail.ends_with("LAST LINE\n"), "{:?}", &tail[tail.len().saturating_sub(200)..]);
+    assert!(
+        tail.ends_with("LAST LINE\n"),
+        "{:?}",
+        &tail[tail.len().saturating_sub(200)..]
+    );
     assert!(tail.contains("031999 \u{e9}xxx"), "non-ASCII text decoded");
     assert!(tail.contains("\u{1F600}\n"), "surrogate pairs decoded");
 

@@ -1,0 +1,59 @@
+//! The real current client against a whole gateway: API, Redis queue, two
+//! workers and a real Ray head.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::{Options, TestGateway};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_client_runs_fails_stops_and_lists() {
+    let gw = TestGateway::start(Options::default().workers(2)).await;
+    let out = gw.python("client_flow.py", &[]).await;
+
+    assert_eq!(out["adder_result"], json!({"sum": 42}), "{out}");
+    assert_eq!(out["adder_status"], "DONE");
+    assert!(out["adder_logs"].as_str().unwrap().contains("adding 2 and 40"), "{}", out["adder_logs"]);
+
+    assert_eq!(out["failer_status"], "ERROR");
+    let failer_logs = out["failer_logs"].as_str().unwrap();
+    assert!(failer_logs.contains("Traceback") && failer_logs.contains("ValueError: boom from the function"), "{failer_logs}");
+    assert!(out["failer_raised"].is_string(), "result() of a failed job raises: {out}");
+
+    assert_eq!(out["sleeper_before_stop"], "RUNNING");
+    assert_eq!(out["stop_message"], "Job has been stopped.");
+    assert_eq!(out["sleeper_status"], "CANCELED");
+    assert!(out["sleeper_logs"].as_str().unwrap().contains("sleeping now"), "logs kept after stop: {}", out["sleeper_logs"]);
+    let sleeper = out["sleeper_id"].as_str().unwrap();
+    // The gateway answers CANCELED at once; Ray ends the driver shortly after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ray = gw.ray_job(sleeper).await.expect("Ray knows the stopped job");
+        if ray["status"] == "STOPPED" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the Ray job itself is stopped: {ray}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let jobs: Vec<&str> = out["jobs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    for key in ["adder_id", "failer_id", "sleeper_id"] {
+        assert!(jobs.contains(&out[key].as_str().unwrap()), "{key} listed in {jobs:?}");
+    }
+    assert_eq!(out["functions"], json!(["adder", "failer", "sleeper"]));
+
+    // Every slot is given back once the jobs ended, and their tokens wiped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gw.leases().await > 0 {
+        assert!(std::time::Instant::now() < deadline, "leases left behind");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let secrets: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE env_sealed IS NOT NULL")
+        .fetch_one(&gw.pool)
+        .await
+        .unwrap();
+    assert_eq!(secrets, 0, "job tokens are wiped when jobs end");
+    gw.shutdown().await;
+}
