@@ -28,7 +28,7 @@ pub struct WorkerCtx {
     /// Jobs this process just submitted, handed to its tracker at once.
     pub tracked_tx: mpsc::UnboundedSender<Uuid>,
     ray_clients: Mutex<HashMap<String, RayClient>>,
-    /// (Ray host, artifact sha256) → uploaded package URI.
+    /// (Ray head and session, artifact sha256) → uploaded package URI.
     packages: Mutex<HashMap<(String, String), String>>,
 }
 

@@ -174,7 +174,11 @@ async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, Dispatc
         .clone()
         .ok_or_else(|| DispatchError::Permanent("The function has no artifact.".into()))?;
 
-    let working_dir = match ctx.cached_package(&host, &sha) {
+    // Packages live as long as the head's session: a restarted head at the
+    // same URL has none, so the cache is keyed by session too.
+    let session = ray.version_info().await?.session_name.unwrap_or_default();
+    let head = format!("{host}#{session}");
+    let working_dir = match ctx.cached_package(&head, &sha) {
         Some(uri) => uri,
         None => {
             let tar = ctx
@@ -188,7 +192,7 @@ async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, Dispatc
                 .map_err(|e| DispatchError::Transient(e.to_string()))?
                 .map_err(|e| DispatchError::Permanent(format!("The artifact cannot be used: {e}")))?;
             let uri = ray.ensure_package(&zip).await?;
-            ctx.remember_package(&host, &sha, uri.clone());
+            ctx.remember_package(&head, &sha, uri.clone());
             uri
         }
     };
@@ -226,7 +230,7 @@ async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, Dispatc
         Ok(SubmitOutcome::AlreadyExists) => tracing::info!("Ray already had this job (a retried dispatch)"),
         Err(e) => {
             // A package Ray lost (a restarted head) is uploaded again next time.
-            ctx.forget_package(&host, &sha);
+            ctx.forget_package(&head, &sha);
             return Err(e.into());
         }
     }

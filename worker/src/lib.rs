@@ -5,12 +5,13 @@ pub mod context;
 pub mod dispatch;
 pub mod reconcile;
 pub mod track;
+pub mod wake;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use apalis::prelude::{Monitor, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{Monitor, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt};
 use apalis_redis::RedisStorage;
 use shared::config::{Backend, Config};
 use shared::limiter::{Limiter, RedisLimiter};
@@ -34,10 +35,10 @@ pub fn unique_name() -> String {
 
 /// Runs one worker process until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let Backend::Distributed { database_url, redis_url } = &config.backend else {
+    let Backend::Distributed { database_url, redis_url } = config.backend.clone() else {
         anyhow::bail!("gateway-worker needs DATABASE_URL and REDIS_URL");
     };
-    let store = PgStore::connect(database_url, 8).await.context("connecting to Postgres")?;
+    let store = PgStore::connect(&database_url, 8).await.context("connecting to Postgres")?;
     wait_for_schema(&store).await;
     let conn = apalis_redis::connect(redis_url.as_str()).await.context("connecting to Redis")?;
     let prefix = config.redis_prefix.clone();
@@ -50,6 +51,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let (tracked_tx, tracked_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(WorkerCtx::new(name.clone(), Arc::new(config), store, limiter, queue, secrets, tracked_tx));
     tracing::info!(worker = %name, "worker started");
+
+    let wake = wake::WakeSignal::default();
+    let listener = tokio::spawn(wake::listen(redis_url.clone(), queue::available_channel(&apalis_config), wake.clone()));
+    let heartbeat = ctx.config.worker.heartbeat;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = tokio::spawn(track::run(ctx.clone(), tracked_rx, stop_rx.clone()));
@@ -65,8 +70,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         })
         .register(move |restart| {
             let storage = RedisStorage::<Dispatch>::new(conn.clone()).with_config(apalis_config.clone());
+            // Fetch when a push is announced, and at least every heartbeat
+            // (retries come due without an announcement).
+            let strategy = Strategy::new().stream(wake.clone()).interval(heartbeat);
             WorkerBuilder::new(format!("{name}-{restart}"))
-                .backend(storage)
+                .backend(PollWith::new(storage, strategy))
                 .data(handler_ctx.clone())
                 .concurrency(concurrency)
                 .build(dispatch::handle)
@@ -78,6 +86,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         })
         .await;
     let _ = stop_tx.send(true);
+    listener.abort();
     let _ = tracker.await;
     let _ = reconciler.await;
     result.context("queue monitor")?;
