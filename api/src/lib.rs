@@ -1,6 +1,7 @@
 //! The gateway's HTTP API (poem + poem-openapi).
 
 pub mod auth;
+pub mod embedded;
 pub mod error;
 pub mod routes;
 pub mod startup;

@@ -12,7 +12,8 @@ use poem_openapi::OpenApiService;
 use shared::config::{Backend, Config};
 use shared::queue::DispatchQueue;
 use shared::secrets::SecretBox;
-use shared::storage::PgStore;
+use apalis_redis::ConnectionManager;
+use shared::storage::{PgStore, Store};
 
 use crate::auth::Authenticator;
 use crate::error;
@@ -36,16 +37,30 @@ pub struct Application {
     acceptor: poem::listener::TcpAcceptor,
 }
 
+/// What the API runs against, built by the distributed or embedded start.
+pub struct Services {
+    pub store: Store,
+    pub queue: DispatchQueue,
+    pub redis: Option<ConnectionManager>,
+}
+
 impl Application {
-    /// Connects, migrates, binds. The API applies migrations itself; sqlx
-    /// serialises concurrent replicas with an advisory lock.
+    /// The distributed API: connects to Postgres and Redis and migrates.
+    /// The API applies migrations itself; sqlx serialises concurrent
+    /// replicas with an advisory lock.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let Backend::Distributed { database_url, redis_url } = &config.backend else {
-            anyhow::bail!("the embedded gateway needs DATABASE_URL and REDIS_URL in this release");
+            anyhow::bail!("no database configured: use the embedded gateway (api::embedded)");
         };
-        let store = PgStore::connect(database_url, 16).await.context("connecting to Postgres")?;
+        let store = Store::Postgres(PgStore::connect(database_url, 16).await.context("connecting to Postgres")?);
         store.migrate().await.context("applying migrations")?;
         let redis = apalis_redis::connect(redis_url.as_str()).await.context("connecting to Redis")?;
+        let queue = DispatchQueue::new(redis.clone(), &config.redis_prefix, &config.worker);
+        Self::build_with(config, Services { store, queue, redis: Some(redis) }).await
+    }
+
+    /// Binds and assembles the application around ready services.
+    pub async fn build_with(config: Config, services: Services) -> anyhow::Result<Self> {
         let acceptor = TcpListener::bind(config.listen.to_string())
             .into_acceptor()
             .await
@@ -56,9 +71,9 @@ impl Application {
             .and_then(|a| a.as_socket_addr().copied())
             .context("no local address")?;
         let auth = Authenticator::from_config(&config.auth).map_err(anyhow::Error::msg)?;
-        let queue = DispatchQueue::new(redis.clone(), &config.redis_prefix, &config.worker);
         let site_host = config.site_host_or(addr);
         let secrets = SecretBox::from_config(config.secret_key.as_deref());
+        let Services { store, queue, redis } = services;
         let state = Arc::new(AppState::new(Arc::new(config), store, queue, redis, secrets, auth, site_host));
         Ok(Application { addr, state, acceptor })
     }

@@ -4,20 +4,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use apalis_redis::ConnectionManager;
+use shared::local_runner::LocalRunner;
 use shared::artifact::ArtifactLimits;
 use shared::config::Config;
 use shared::queue::DispatchQueue;
 use shared::secrets::SecretBox;
-use shared::storage::{PgStore, StorageResult, User};
+use shared::storage::{StorageResult, Store, User};
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
 
 pub struct AppState {
     pub config: Arc<Config>,
-    pub store: PgStore,
+    pub store: Store,
     pub queue: DispatchQueue,
-    pub redis: ConnectionManager,
+    /// `None` in the embedded gateway.
+    pub redis: Option<ConnectionManager>,
     pub secrets: SecretBox,
     pub auth: Authenticator,
     /// `ENV_JOB_GATEWAY_HOST` and the base of pagination links.
@@ -32,9 +34,9 @@ impl AppState {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
-        store: PgStore,
+        store: Store,
         queue: DispatchQueue,
-        redis: ConnectionManager,
+        redis: Option<ConnectionManager>,
         secrets: SecretBox,
         auth: Authenticator,
         site_host: String,
@@ -51,6 +53,11 @@ impl AppState {
             artifact_limits,
             users: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// The embedded gateway's runner, for live logs and stops of local jobs.
+    pub fn local_runner(&self) -> LocalRunner {
+        LocalRunner::new(&self.config.data_dir, &self.config.python)
     }
 
     pub async fn user(&self, username: &str) -> StorageResult<User> {

@@ -41,6 +41,15 @@ pub enum AuthMechanism {
     CustomToken,
 }
 
+/// Where jobs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerKind {
+    /// The Ray Jobs API of the head at `ray.local_host`.
+    Ray,
+    /// `python <entrypoint>` as a local process (the embedded gateway without a Ray head).
+    LocalProcess,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// PENDING + RUNNING jobs per user (`LIMITS_JOBS_PER_USER`).
@@ -97,7 +106,11 @@ pub struct Config {
     /// The same directory as the Ray node sees it.
     pub ray_data_path: PathBuf,
     pub auth: AuthMechanism,
+    /// Embedded gateway with no token configured: one is generated once and
+    /// kept under the data dir.
+    pub generate_token: bool,
     pub secret_key: Option<String>,
+    pub runner: RunnerKind,
     pub limits: Limits,
     pub ray: RayConfig,
     pub logs_size_limit: usize,
@@ -136,6 +149,9 @@ impl Config {
             .map_err(|e| invalid("GATEWAY_DATA_DIR", e))?;
         let ray_data_path = get("RAY_DATA_PATH").map(PathBuf::from).unwrap_or_else(|| data_dir.clone());
 
+        let embedded = backend == Backend::Embedded;
+        let generate_token =
+            embedded && get("SETTINGS_AUTH_MOCK_TOKEN").is_none() && get("SETTINGS_AUTH_MOCK_TOKENS").is_none();
         let auth = match get("SETTINGS_AUTH_MECHANISM").as_deref() {
             Some("mock_token") => mock_tokens(&get)?,
             Some("default") => AuthMechanism::Keycloak,
@@ -190,9 +206,10 @@ impl Config {
         };
 
         let local_mode = parse_bool_opt(&get, "RAY_CLUSTER_MODE_LOCAL")?.unwrap_or(false);
-        let local_host = get("RAY_CLUSTER_MODE_LOCAL_HOST")
-            .or_else(|| get("RAY_LOCAL_HOST"))
-            .or_else(|| get("RAY_HOST"))
+        let configured_head = get("RAY_CLUSTER_MODE_LOCAL_HOST").or_else(|| get("RAY_LOCAL_HOST")).or_else(|| get("RAY_HOST"));
+        // The embedded gateway runs functions itself unless a Ray head is named.
+        let runner = if embedded && configured_head.is_none() { RunnerKind::LocalProcess } else { RunnerKind::Ray };
+        let local_host = configured_head
             .unwrap_or_else(|| "http://localhost:8265".into())
             .trim_end_matches('/')
             .to_string();
@@ -230,7 +247,9 @@ impl Config {
             data_dir,
             ray_data_path,
             auth,
+            generate_token,
             secret_key,
+            runner,
             limits,
             ray,
             logs_size_limit: parse_num(&get, "FUNCTIONS_LOGS_SIZE_LIMIT", 50 * MIB as usize)?,
@@ -295,7 +314,8 @@ fn mock_tokens(get: &impl Fn(&str) -> Option<String>) -> Result<AuthMechanism, C
         }
     }
     let single = get("SETTINGS_AUTH_MOCK_TOKEN");
-    if single.is_some() || tokens.is_empty() {
+    let embedded = get("DATABASE_URL").is_none() && get("DATABASE_HOST").is_none();
+    if single.is_some() || (tokens.is_empty() && !embedded) {
         tokens.insert(single.unwrap_or_else(|| DEFAULT_MOCK_TOKEN.into()), "mockuser".into());
     }
     Ok(AuthMechanism::MockToken { tokens })
@@ -360,8 +380,14 @@ mod tests {
         assert_eq!(c.backend, Backend::Embedded);
         assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
         assert_eq!(c.limits, Limits { jobs_per_user: 2, max_clusters: 6, active_jobs_per_user: 50 });
-        assert!(matches!(c.auth, AuthMechanism::MockToken { ref tokens } if tokens.get("awesome_token").map(String::as_str) == Some("mockuser")));
+        // No token configured: one is generated at start, never the well-known default.
+        assert!(matches!(c.auth, AuthMechanism::MockToken { ref tokens } if tokens.is_empty()));
+        assert!(c.generate_token);
+        assert_eq!(c.runner, RunnerKind::LocalProcess);
         assert!(c.data_dir.is_absolute());
+        let c = cfg(&[("RAY_CLUSTER_MODE_LOCAL_HOST", "http://ray:8265"), ("SETTINGS_AUTH_MOCK_TOKEN", "t")]).unwrap();
+        assert_eq!(c.runner, RunnerKind::Ray);
+        assert!(!c.generate_token);
     }
 
     #[test]
@@ -448,7 +474,7 @@ mod tests {
         assert_eq!(tokens.get("t2").unwrap(), "bob");
         assert_eq!(tokens.get("main").unwrap(), "mockuser");
         assert!(!tokens.contains_key("awesome_token"));
-        assert!(cfg(&[("GATEWAY_LISTEN", "0.0.0.0:8000")]).is_err());
+        assert!(cfg(&[("GATEWAY_LISTEN", "0.0.0.0:8000"), ("SETTINGS_AUTH_MOCK_TOKEN", "awesome_token")]).is_err());
         assert!(cfg(&[("GATEWAY_LISTEN", "0.0.0.0:8000"), ("SETTINGS_AUTH_MOCK_TOKEN", "s3cret")]).is_ok());
     }
 }

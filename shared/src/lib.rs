@@ -6,6 +6,8 @@ pub mod config;
 pub mod domain;
 pub mod jobenv;
 pub mod limiter;
+pub mod local_runner;
+pub mod logs;
 pub mod queue;
 pub mod ray;
 pub mod secrets;

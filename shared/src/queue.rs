@@ -9,6 +9,7 @@ use std::time::Duration;
 use apalis::prelude::TaskSink;
 use apalis_redis::{ConnectionManager, RedisStorage};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::config::WorkerTuning;
@@ -24,6 +25,8 @@ pub struct Dispatch {
 pub enum QueueError {
     #[error("queue unavailable: {0}")]
     Redis(String),
+    #[error("the in-process worker has stopped")]
+    Closed,
     #[error("queue push timed out")]
     Timeout,
 }
@@ -53,27 +56,48 @@ pub fn available_channel(config: &apalis_redis::Config) -> String {
 
 /// Pushes wake-ups. Cheap to clone.
 #[derive(Clone)]
-pub struct DispatchQueue {
-    storage: RedisStorage<Dispatch>,
-    push_timeout: Duration,
+pub enum DispatchQueue {
+    /// apalis over Redis: any number of worker processes.
+    Redis { storage: RedisStorage<Dispatch>, push_timeout: Duration },
+    /// The embedded gateway's in-process channel. Its durability is the job
+    /// table itself: QUEUED jobs are re-woken by the reconciler after a restart.
+    Local(mpsc::UnboundedSender<Dispatch>),
 }
 
 impl std::fmt::Debug for DispatchQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DispatchQueue").finish_non_exhaustive()
+        f.write_str(match self {
+            DispatchQueue::Redis { .. } => "DispatchQueue::Redis",
+            DispatchQueue::Local(_) => "DispatchQueue::Local",
+        })
     }
 }
 
 impl DispatchQueue {
     pub fn new(conn: ConnectionManager, prefix: &str, tuning: &WorkerTuning) -> Self {
         let storage = RedisStorage::new(conn).with_config(apalis_config(prefix, tuning));
-        DispatchQueue { storage, push_timeout: Duration::from_millis(1500) }
+        DispatchQueue::Redis { storage, push_timeout: Duration::from_millis(1500) }
+    }
+
+    /// An in-process queue and the receiving end its worker reads.
+    pub fn local() -> (Self, mpsc::UnboundedReceiver<Dispatch>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (DispatchQueue::Local(tx), rx)
     }
 
     /// Pushes one wake-up per job. Bounded in time so a Redis outage never
     /// holds an HTTP request: the reconciler re-pushes what did not get through.
     pub async fn push(&self, job_ids: &[Uuid]) -> Result<(), QueueError> {
-        let mut storage = self.storage.clone();
+        let (storage, push_timeout) = match self {
+            DispatchQueue::Redis { storage, push_timeout } => (storage, *push_timeout),
+            DispatchQueue::Local(tx) => {
+                for &job_id in job_ids {
+                    tx.send(Dispatch { job_id }).map_err(|_| QueueError::Closed)?;
+                }
+                return Ok(());
+            }
+        };
+        let mut storage = storage.clone();
         let tasks: Vec<Dispatch> = job_ids.iter().map(|&job_id| Dispatch { job_id }).collect();
         let push = async move {
             for task in tasks {
@@ -81,6 +105,6 @@ impl DispatchQueue {
             }
             Ok(())
         };
-        tokio::time::timeout(self.push_timeout, push).await.map_err(|_| QueueError::Timeout)?
+        tokio::time::timeout(push_timeout, push).await.map_err(|_| QueueError::Timeout)?
     }
 }

@@ -621,29 +621,7 @@ impl LogsTailDecoder {
         }
         let total = self.tail.total;
         let truncated = total > self.tail.buf.len() as u64;
-        let mut bytes: Vec<u8> = self.tail.buf.into();
-        if truncated {
-            // Drop the continuation bytes of a character cut by the ring buffer.
-            let cut = bytes
-                .iter()
-                .take(3)
-                .take_while(|&&b| b & 0xC0 == 0x80)
-                .count();
-            bytes.drain(..cut);
-        }
-        let text = match String::from_utf8(bytes) {
-            Ok(text) => text,
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        };
-        if truncated {
-            let marker = format!(
-                "[... log truncated: showing the last {} bytes ...]\n",
-                text.len()
-            );
-            Ok((marker + &text, total))
-        } else {
-            Ok((text, total))
-        }
+        Ok((crate::logs::render_tail(self.tail.buf.into(), truncated), total))
     }
 
     fn step(&mut self, byte: u8) -> Result<(), RayError> {

@@ -9,7 +9,8 @@ use shared::limiter::Limiter;
 use shared::queue::DispatchQueue;
 use shared::ray::{RayClient, RayError};
 use shared::secrets::SecretBox;
-use shared::storage::PgStore;
+use shared::local_runner::LocalRunner;
+use shared::storage::Store;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -21,12 +22,14 @@ pub struct WorkerCtx {
     /// recently, and claims in SQL are keyed by it.
     pub name: String,
     pub config: Arc<Config>,
-    pub store: PgStore,
+    pub store: Store,
     pub limiter: Limiter,
     pub queue: DispatchQueue,
     pub secrets: SecretBox,
     /// Jobs this process just submitted, handed to its tracker at once.
     pub tracked_tx: mpsc::UnboundedSender<Uuid>,
+    /// Runs functions as local processes (embedded gateway without Ray).
+    pub local: LocalRunner,
     ray_clients: Mutex<HashMap<String, RayClient>>,
     /// (Ray head and session, artifact sha256) → uploaded package URI.
     packages: Mutex<HashMap<(String, String), String>>,
@@ -37,13 +40,15 @@ impl WorkerCtx {
     pub fn new(
         name: String,
         config: Arc<Config>,
-        store: PgStore,
+        store: Store,
         limiter: Limiter,
         queue: DispatchQueue,
         secrets: SecretBox,
         tracked_tx: mpsc::UnboundedSender<Uuid>,
     ) -> Self {
+        let local = LocalRunner::new(&config.data_dir, &config.python);
         WorkerCtx {
+            local,
             name,
             config,
             store,
@@ -59,6 +64,15 @@ impl WorkerCtx {
     /// The Ray head jobs go to. Local mode has one.
     pub fn ray_host(&self) -> &str {
         &self.config.ray.local_host
+    }
+
+    /// The runner that holds jobs submitted to `host`.
+    pub fn runner(&self, host: &str) -> Result<crate::runner::Runner, crate::runner::RunError> {
+        if crate::runner::Runner::is_local(host) {
+            Ok(crate::runner::Runner::Local(self.local.clone()))
+        } else {
+            Ok(crate::runner::Runner::Ray(self.ray(host)?))
+        }
     }
 
     /// A pooled client per Ray head.

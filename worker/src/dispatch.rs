@@ -12,6 +12,8 @@ use shared::domain::JobStatus;
 use shared::jobenv::{self, JobSecrets};
 use shared::limiter::Acquire;
 use shared::queue::Dispatch;
+use shared::config::RunnerKind;
+use shared::local_runner::LOCAL_HOST;
 use shared::ray::{RayError, SubmitOutcome, SubmitRequest};
 use shared::storage::{DispatchJob, StorageError};
 use tracing::Instrument;
@@ -166,37 +168,99 @@ async fn still_queued(ctx: &WorkerCtx, job_id: Uuid) -> Result<bool, DispatchErr
     Ok(ctx.store.job_status(job_id).await? == Some(JobStatus::Queued))
 }
 
-async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, DispatchError> {
-    let host = ctx.ray_host().to_string();
-    let ray = ctx.ray(&host)?;
+/// A working dir made ready where the job will run.
+enum Staged {
+    Ray { host: String, head: String, sha: String, working_dir: String },
+    Local,
+}
+
+/// The slow part: make the function's files available to the runner.
+async fn stage(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Staged, DispatchError> {
     let sha = job
         .artifact_sha256
         .clone()
         .ok_or_else(|| DispatchError::Permanent("The function has no artifact.".into()))?;
+    let limits = ArtifactLimits { max_bytes: ctx.config.max_artifact_bytes, ..ArtifactLimits::default() };
+    let load = || async {
+        ctx.store
+            .artifact(&sha)
+            .await?
+            .ok_or_else(|| DispatchError::Permanent("The function's artifact is missing.".into()))
+    };
+    match ctx.config.runner {
+        RunnerKind::LocalProcess => {
+            let tar = load().await?;
+            ctx.local.prepare(job.id, tar, limits).await.map_err(|e| DispatchError::Permanent(e.to_string()))?;
+            Ok(Staged::Local)
+        }
+        RunnerKind::Ray => {
+            let host = ctx.ray_host().to_string();
+            let ray = ctx.ray(&host)?;
+            // Packages live as long as the head's session: a restarted head at
+            // the same URL has none, so the cache is keyed by session too.
+            let session = ray.version_info().await?.session_name.unwrap_or_default();
+            let head = format!("{host}#{session}");
+            let working_dir = match ctx.cached_package(&head, &sha) {
+                Some(uri) => uri,
+                None => {
+                    let tar = load().await?;
+                    let zip = tokio::task::spawn_blocking(move || artifact::tar_to_zip(&tar, &limits))
+                        .await
+                        .map_err(|e| DispatchError::Transient(e.to_string()))?
+                        .map_err(|e| DispatchError::Permanent(format!("The artifact cannot be used: {e}")))?;
+                    let uri = ray.ensure_package(&zip).await?;
+                    ctx.remember_package(&head, &sha, uri.clone());
+                    uri
+                }
+            };
+            Ok(Staged::Ray { host, head, sha, working_dir })
+        }
+    }
+}
 
-    // Packages live as long as the head's session: a restarted head at the
-    // same URL has none, so the cache is keyed by session too.
-    let session = ray.version_info().await?.session_name.unwrap_or_default();
-    let head = format!("{host}#{session}");
-    let working_dir = match ctx.cached_package(&head, &sha) {
-        Some(uri) => uri,
-        None => {
-            let tar = ctx
-                .store
-                .artifact(&sha)
-                .await?
-                .ok_or_else(|| DispatchError::Permanent("The function's artifact is missing.".into()))?;
-            let limits = ArtifactLimits { max_bytes: ctx.config.max_artifact_bytes, ..ArtifactLimits::default() };
-            let zip = tokio::task::spawn_blocking(move || artifact::tar_to_zip(&tar, &limits))
+/// Starts the job on its runner; a start the runner already saw (a retried
+/// dispatch) counts as done. Returns the job's runner host.
+async fn launch(
+    ctx: &WorkerCtx,
+    job: &DispatchJob,
+    staged: Staged,
+    env: BTreeMap<String, String>,
+) -> Result<String, DispatchError> {
+    let outcome = match staged {
+        Staged::Local => {
+            let outcome = ctx
+                .local
+                .start(job.id, &job.entrypoint, &env)
                 .await
-                .map_err(|e| DispatchError::Transient(e.to_string()))?
-                .map_err(|e| DispatchError::Permanent(format!("The artifact cannot be used: {e}")))?;
-            let uri = ray.ensure_package(&zip).await?;
-            ctx.remember_package(&head, &sha, uri.clone());
-            uri
+                .map_err(|e| DispatchError::Transient(e.to_string()))?;
+            (outcome, LOCAL_HOST.to_string())
+        }
+        Staged::Ray { host, head, sha, working_dir } => {
+            let request = SubmitRequest {
+                submission_id: job.id.to_string(),
+                entrypoint: format!("python {}", job.entrypoint),
+                working_dir,
+                env_vars: env,
+                pip: job.pip.clone(),
+            };
+            match ctx.ray(&host)?.submit(&request).await {
+                Ok(outcome) => (outcome, host),
+                Err(e) => {
+                    // A package Ray lost is uploaded again next time.
+                    ctx.forget_package(&head, &sha);
+                    return Err(e.into());
+                }
+            }
         }
     };
+    if matches!(outcome.0, SubmitOutcome::AlreadyExists) {
+        tracing::info!("the runner already had this job (a retried dispatch)");
+    }
+    Ok(outcome.1)
+}
 
+async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, DispatchError> {
+    let staged = stage(ctx, job).await?;
     let secrets = match &job.env_sealed {
         Some(sealed) => JobSecrets::open(sealed, &ctx.secrets).map_err(|e| DispatchError::Permanent(e.to_string()))?,
         None => return Err(DispatchError::Permanent("The job's credentials are gone.".into())),
@@ -217,27 +281,13 @@ async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, Dispatc
     if !still_queued(ctx, job.id).await? {
         return Ok(Submitted::StoppedBeforeSubmit);
     }
-
-    let request = SubmitRequest {
-        submission_id: job.id.to_string(),
-        entrypoint: format!("python {}", job.entrypoint),
-        working_dir,
-        env_vars: env,
-        pip: job.pip.clone(),
-    };
-    match ray.submit(&request).await {
-        Ok(SubmitOutcome::Submitted) => {}
-        Ok(SubmitOutcome::AlreadyExists) => tracing::info!("Ray already had this job (a retried dispatch)"),
-        Err(e) => {
-            // A package Ray lost (a restarted head) is uploaded again next time.
-            ctx.forget_package(&head, &sha);
-            return Err(e.into());
-        }
-    }
+    let host = launch(ctx, job, staged, env).await?;
     if ctx.store.mark_pending(job.id, &ctx.name, &host).await? {
         Ok(Submitted::Pending)
     } else {
-        let _ = ray.stop(&job.id.to_string()).await;
+        if let Ok(runner) = ctx.runner(&host) {
+            let _ = runner.stop(job.id).await;
+        }
         ctx.store.mark_submitted_after_stop(job.id, &host).await?;
         Ok(Submitted::StoppedAfterSubmit)
     }

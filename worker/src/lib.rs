@@ -1,9 +1,12 @@
-//! The gateway's workers: dispatch (apalis over Redis), tracking and the
-//! reconciler, run together in each `gateway-worker` process.
+//! The gateway's workers: dispatch, tracking and the reconciler. In the
+//! distributed gateway each `gateway-worker` process takes wake-ups from the
+//! apalis queue in Redis; the embedded gateway runs the same code in-process
+//! with an in-process queue.
 
 pub mod context;
 pub mod dispatch;
 pub mod reconcile;
+pub mod runner;
 pub mod track;
 pub mod wake;
 
@@ -12,13 +15,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use apalis::prelude::{Monitor, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt};
-use apalis_redis::RedisStorage;
+use apalis_redis::{ConnectionManager, RedisStorage};
 use shared::config::{Backend, Config};
 use shared::limiter::{Limiter, RedisLimiter};
 use shared::queue::{self, Dispatch, DispatchQueue};
 use shared::secrets::SecretBox;
-use shared::storage::PgStore;
-use tokio::sync::{mpsc, watch};
+use shared::storage::{PgStore, Store};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::context::WorkerCtx;
 
@@ -33,34 +36,83 @@ pub fn unique_name() -> String {
     format!("{host}-{}", ulid::Ulid::new())
 }
 
-/// Runs one worker process until `shutdown` resolves.
+/// Where wake-ups come from.
+pub enum Feed {
+    /// apalis over Redis, announced on pub/sub.
+    Redis { conn: ConnectionManager, redis_url: String },
+    /// The embedded gateway's in-process channel.
+    Local(mpsc::UnboundedReceiver<Dispatch>),
+}
+
+/// What a worker runs against.
+pub struct Backends {
+    pub store: Store,
+    pub limiter: Limiter,
+    pub queue: DispatchQueue,
+    pub feed: Feed,
+    pub secrets: SecretBox,
+}
+
+/// Runs one distributed worker process until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let Backend::Distributed { database_url, redis_url } = config.backend.clone() else {
         anyhow::bail!("gateway-worker needs DATABASE_URL and REDIS_URL");
     };
-    let store = PgStore::connect(&database_url, 8).await.context("connecting to Postgres")?;
+    let store = Store::Postgres(PgStore::connect(&database_url, 8).await.context("connecting to Postgres")?);
     wait_for_schema(&store).await;
     let conn = apalis_redis::connect(redis_url.as_str()).await.context("connecting to Redis")?;
-    let prefix = config.redis_prefix.clone();
-    let limiter = Limiter::Redis(RedisLimiter::new(conn.clone(), prefix.clone()));
-    let queue = DispatchQueue::new(conn.clone(), &prefix, &config.worker);
+    let backends = Backends {
+        store,
+        limiter: Limiter::Redis(RedisLimiter::new(conn.clone(), config.redis_prefix.clone())),
+        queue: DispatchQueue::new(conn.clone(), &config.redis_prefix, &config.worker),
+        feed: Feed::Redis { conn, redis_url },
+        secrets: SecretBox::from_config(config.secret_key.as_deref()),
+    };
+    run_with(config, backends, shutdown).await
+}
+
+/// Runs dispatch, tracking and the reconciler on the given backends.
+pub async fn run_with(
+    config: Config,
+    backends: Backends,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let name = unique_name();
-    let secrets = SecretBox::from_config(config.secret_key.as_deref());
-    let apalis_config = queue::apalis_config(&prefix, &config.worker);
-    let concurrency = config.worker.concurrency;
     let (tracked_tx, tracked_rx) = mpsc::unbounded_channel();
+    let Backends { store, limiter, queue, feed, secrets } = backends;
     let ctx = Arc::new(WorkerCtx::new(name.clone(), Arc::new(config), store, limiter, queue, secrets, tracked_tx));
     tracing::info!(worker = %name, "worker started");
-
-    let wake = wake::WakeSignal::default();
-    let listener = tokio::spawn(wake::listen(redis_url.clone(), queue::available_channel(&apalis_config), wake.clone()));
-    let heartbeat = ctx.config.worker.heartbeat;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = tokio::spawn(track::run(ctx.clone(), tracked_rx, stop_rx.clone()));
     let reconciler = tokio::spawn(reconcile::run(ctx.clone(), stop_rx));
+    let result = match feed {
+        Feed::Redis { conn, redis_url } => run_apalis(ctx.clone(), conn, redis_url, shutdown).await,
+        Feed::Local(rx) => {
+            run_local(ctx.clone(), rx, shutdown).await;
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = tracker.await;
+    let _ = reconciler.await;
+    tracing::info!(worker = %ctx.name, "worker stopped");
+    result
+}
 
-    let handler_ctx = ctx.clone();
+async fn run_apalis(
+    ctx: Arc<WorkerCtx>,
+    conn: ConnectionManager,
+    redis_url: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = ctx.config.clone();
+    let apalis_config = queue::apalis_config(&config.redis_prefix, &config.worker);
+    let wake = wake::WakeSignal::default();
+    let listener = tokio::spawn(wake::listen(redis_url, queue::available_channel(&apalis_config), wake.clone()));
+    let heartbeat = config.worker.heartbeat;
+    let concurrency = config.worker.concurrency;
+    let name = ctx.name.clone();
     let monitor = Monitor::new()
         // A Redis outage ends the apalis worker; come back with a fresh name
         // once it is reachable again.
@@ -75,7 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             let strategy = Strategy::new().stream(wake.clone()).interval(heartbeat);
             WorkerBuilder::new(format!("{name}-{restart}"))
                 .backend(PollWith::new(storage, strategy))
-                .data(handler_ctx.clone())
+                .data(ctx.clone())
                 .concurrency(concurrency)
                 .build(dispatch::handle)
         });
@@ -85,17 +137,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             Ok(())
         })
         .await;
-    let _ = stop_tx.send(true);
     listener.abort();
-    let _ = tracker.await;
-    let _ = reconciler.await;
-    result.context("queue monitor")?;
-    tracing::info!(worker = %ctx.name, "worker stopped");
-    Ok(())
+    result.context("queue monitor")
+}
+
+/// The embedded gateway's dispatch loop. Failed dispatches are not retried
+/// here: the job stays QUEUED and the reconciler wakes it again.
+async fn run_local(
+    ctx: Arc<WorkerCtx>,
+    mut rx: mpsc::UnboundedReceiver<Dispatch>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let permits = Arc::new(Semaphore::new(ctx.config.worker.concurrency));
+    tokio::pin!(shutdown);
+    loop {
+        let task = tokio::select! {
+            _ = &mut shutdown => break,
+            task = rx.recv() => match task {
+                Some(task) => task,
+                None => break,
+            },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let span = tracing::info_span!("dispatch", job_id = %task.job_id, worker = %ctx.name, user = tracing::field::Empty);
+            if let Err(e) = tracing::Instrument::instrument(dispatch::dispatch(&ctx, task.job_id), span).await {
+                tracing::debug!(job_id = %task.job_id, error = %e, "dispatch will be retried by the reconciler");
+            }
+            drop(permit);
+        });
+    }
 }
 
 /// Workers may start before the API has migrated the database.
-async fn wait_for_schema(store: &PgStore) {
+pub async fn wait_for_schema(store: &Store) {
     let mut waited = 0u32;
     loop {
         match store.schema_ready().await {

@@ -25,7 +25,7 @@ use crate::context::WorkerCtx;
 /// How long the tracking lease lasts; renewed about every half second.
 const TRACK_TTL: Duration = Duration::from_secs(10);
 const REFRESH_EVERY: Duration = Duration::from_millis(500);
-/// A Ray head silent this long fails its jobs.
+/// A runner silent this long fails its jobs.
 const UNREACHABLE_GIVE_UP: Duration = Duration::from_secs(120);
 /// A result file larger than this is not stored (the function misbehaved).
 const MAX_RESULT_BYTES: u64 = 64 * 1024 * 1024;
@@ -119,15 +119,14 @@ fn final_status(ray: RayJobStatus) -> Option<JobStatus> {
 
 /// One look at one job. Returns true when the job is finished and no longer tracked.
 async fn poll(ctx: &WorkerCtx, t: &mut Tracked) -> bool {
-    let ray = match ctx.ray(&t.job.ray_host) {
+    let runner = match ctx.runner(&t.job.ray_host) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "bad Ray host");
             return finish(ctx, &t.job, JobStatus::Failed, Some(format!("Invalid Ray host: {e}")), None).await;
         }
     };
-    let id = t.job.id.to_string();
-    let info = match ray.job(&id).await {
+    let info = match runner.job(t.job.id).await {
         Ok(Some(info)) => {
             t.unreachable_since = None;
             info
@@ -151,7 +150,7 @@ async fn poll(ctx: &WorkerCtx, t: &mut Tracked) -> bool {
         if ended.is_none() {
             if t.last_stop_sent.is_none_or(|s| s.elapsed() >= Duration::from_secs(1)) {
                 t.last_stop_sent = Some(Instant::now());
-                if let Err(e) = ray.stop(&id).await {
+                if let Err(e) = runner.stop(t.job.id).await {
                     tracing::warn!(error = %e, "stop on Ray failed; retrying");
                 }
             }
@@ -178,8 +177,8 @@ async fn poll(ctx: &WorkerCtx, t: &mut Tracked) -> bool {
 
 /// Stores the end of a job and frees what it held. True when recorded.
 async fn finish(ctx: &WorkerCtx, job: &TrackedJob, status: JobStatus, reason: Option<String>, info: Option<&RayJobInfo>) -> bool {
-    let logs = match ctx.ray(&job.ray_host) {
-        Ok(ray) => match ray.logs_tail(&job.id.to_string(), ctx.config.logs_size_limit).await {
+    let logs = match ctx.runner(&job.ray_host) {
+        Ok(runner) => match runner.logs_tail(job.id, ctx.config.logs_size_limit).await {
             Ok(logs) => Some(logs),
             Err(e) => Some(format!("Logs are not available: {e}")),
         },
@@ -209,6 +208,10 @@ async fn finish(ctx: &WorkerCtx, job: &TrackedJob, status: JobStatus, reason: Op
             }
             let args = jobenv::arguments_file(&ctx.config.data_dir, &job.username, job.id);
             let _ = tokio::fs::remove_file(args).await;
+            if crate::runner::Runner::is_local(&job.ray_host) {
+                // Logs are in the database now; the working dir has served.
+                ctx.local.cleanup(job.id).await;
+            }
             ctx.wake_next().await;
             true
         }

@@ -24,11 +24,13 @@ pub async fn version(state: Data<&Arc<AppState>>) -> Json<serde_json::Value> {
 pub async fn readiness(state: Data<&Arc<AppState>>) -> Response {
     let check = Duration::from_secs(2);
     let db_ok = matches!(tokio::time::timeout(check, state.store.ping()).await, Ok(Ok(())));
-    let mut redis = state.redis.clone();
-    let redis_ok = matches!(
-        tokio::time::timeout(check, redis::cmd("PING").query_async::<String>(&mut redis)).await,
-        Ok(Ok(_))
-    );
+    let redis_ok = match state.redis.clone() {
+        Some(mut redis) => matches!(
+            tokio::time::timeout(check, redis::cmd("PING").query_async::<String>(&mut redis)).await,
+            Ok(Ok(_))
+        ),
+        None => true,
+    };
     match (db_ok, redis_ok) {
         (true, true) => Json(json!({ "status": "ready" })).into_response(),
         (false, _) => Json(json!({ "status": "database_unavailable" }))

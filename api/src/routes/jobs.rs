@@ -10,6 +10,7 @@ use poem_openapi::payload::{Form, Json};
 use poem_openapi::{ApiRequest, ApiResponse, Object, OpenApi, param::Path, param::Query};
 use serde_json::{Value, json};
 use shared::domain::{JobStatus, SubStatus};
+use shared::local_runner::LOCAL_HOST;
 use shared::storage::{JobFilter, JobView, StopOutcome, SubStatusOutcome};
 use uuid::Uuid;
 
@@ -219,9 +220,13 @@ impl JobsApi {
         let job = view.job;
         if !job.finalized && job.ray_submitted {
             let host = job.ray_host.as_deref().unwrap_or(state.config.ray.local_host.as_str());
+            let cap = state.config.logs_size_limit;
             let live = async {
+                if host == LOCAL_HOST {
+                    return state.local_runner().logs_tail(job.id, cap).await.ok();
+                }
                 let ray = shared::ray::RayClient::new(host, RAY_CALL_TIMEOUT).ok()?;
-                ray.logs_tail(&job.id.to_string(), state.config.logs_size_limit).await.ok()
+                ray.logs_tail(&job.id.to_string(), cap).await.ok()
             };
             if let Ok(Some(logs)) = tokio::time::timeout(RAY_CALL_TIMEOUT, live).await {
                 return Ok(Json(Logs { logs }));
@@ -248,6 +253,9 @@ impl JobsApi {
                 // function sooner. A failure here is not the user's problem.
                 if let Some(host) = ray_host.filter(|_| was != JobStatus::Queued) {
                     let stop = async {
+                        if host == LOCAL_HOST {
+                            return state.local_runner().stop(id).await.ok();
+                        }
                         let ray = shared::ray::RayClient::new(&host, RAY_CALL_TIMEOUT).ok()?;
                         ray.stop(&id.to_string()).await.ok()
                     };

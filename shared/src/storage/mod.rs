@@ -4,6 +4,7 @@
 //! one module per backend.
 
 pub mod postgres;
+pub mod sqlite;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -12,6 +13,7 @@ use uuid::Uuid;
 use crate::domain::JobStatus;
 
 pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -214,4 +216,68 @@ pub struct Finish {
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate {
     pub job_id: Uuid,
+}
+
+/// The storage the gateway runs on: Postgres (distributed) or SQLite
+/// (embedded). Both backends offer the same operations with the same
+/// semantics; `shared/tests/storage_conformance.rs` runs one suite on both.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+/// Forwards each operation to the backend.
+macro_rules! forward {
+    ($( $(#[$meta:meta])* pub async fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        impl Store {
+            $(
+                $(#[$meta])*
+                pub async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    match self {
+                        Store::Postgres(s) => s.$name($($arg),*).await,
+                        Store::Sqlite(s) => s.$name($($arg),*).await,
+                    }
+                }
+            )*
+        }
+    };
+}
+
+forward! {
+    /// Applies the backend's migrations (safe with concurrent starters).
+    pub async fn migrate(&self) -> StorageResult<()>;
+    /// True once every migration this binary knows is applied.
+    pub async fn schema_ready(&self) -> StorageResult<bool>;
+    pub async fn ping(&self) -> StorageResult<()>;
+    pub async fn ensure_user(&self, username: &str) -> StorageResult<User>;
+    pub async fn put_artifact(&self, sha256: &str, data: &[u8]) -> StorageResult<()>;
+    pub async fn artifact(&self, sha256: &str) -> StorageResult<Option<Vec<u8>>>;
+    /// Creates or updates the author's function of that title.
+    pub async fn upsert_program(&self, author_id: Uuid, p: &ProgramUpsert) -> StorageResult<Program>;
+    pub async fn programs(&self, author_id: Uuid) -> StorageResult<Vec<Program>>;
+    pub async fn program_by_title(&self, author_id: Uuid, title: &str) -> StorageResult<Option<Program>>;
+    /// Inserts a QUEUED job unless the author is at `active_limit`, atomically.
+    pub async fn create_job(&self, new: &NewJob, active_limit: u32) -> StorageResult<CreateJob>;
+    pub async fn mark_enqueued(&self, ids: &[Uuid]) -> StorageResult<()>;
+    pub async fn job(&self, author_id: Uuid, id: Uuid) -> StorageResult<Option<JobView>>;
+    pub async fn list_jobs(&self, author_id: Uuid, filter: &JobFilter, limit: Option<i64>, offset: i64) -> StorageResult<(i64, Vec<JobListRow>)>;
+    pub async fn save_posted_result(&self, author_id: Uuid, id: Uuid, result: &str) -> StorageResult<bool>;
+    pub async fn set_sub_status(&self, author_id: Uuid, id: Uuid, sub: &str) -> StorageResult<SubStatusOutcome>;
+    pub async fn add_error_event(&self, author_id: Uuid, id: Uuid, data: Value) -> StorageResult<Option<bool>>;
+    pub async fn events(&self, author_id: Uuid, id: Uuid, event_type: Option<&str>) -> StorageResult<Option<Vec<JobEvent>>>;
+    pub async fn stop_job(&self, author_id: Uuid, id: Uuid) -> StorageResult<StopOutcome>;
+    pub async fn claim_for_dispatch(&self, id: Uuid, worker: &str, ttl: std::time::Duration) -> StorageResult<Option<DispatchJob>>;
+    pub async fn renew_claim(&self, id: Uuid, worker: &str, ttl: std::time::Duration) -> StorageResult<bool>;
+    pub async fn release_claim(&self, id: Uuid, worker: &str) -> StorageResult<()>;
+    pub async fn job_status(&self, id: Uuid) -> StorageResult<Option<JobStatus>>;
+    pub async fn mark_pending(&self, id: Uuid, worker: &str, ray_host: &str) -> StorageResult<bool>;
+    pub async fn mark_submitted_after_stop(&self, id: Uuid, ray_host: &str) -> StorageResult<()>;
+    pub async fn fail_queued(&self, id: Uuid, reason: &str) -> StorageResult<bool>;
+    pub async fn claim_tracking(&self, worker: &str, ttl: std::time::Duration, limit: i64) -> StorageResult<Vec<TrackedJob>>;
+    pub async fn mark_running(&self, id: Uuid, ray_start: Option<DateTime<Utc>>) -> StorageResult<bool>;
+    /// Records the end of a submitted job in one transaction.
+    pub async fn finish(&self, id: Uuid, fin: &Finish) -> StorageResult<Option<JobStatus>>;
+    pub async fn dispatch_candidates(&self, jobs_per_user: u32, stale: Option<std::time::Duration>, limit: i64) -> StorageResult<Vec<Candidate>>;
+    pub async fn running_jobs(&self) -> StorageResult<Vec<(Uuid, String)>>;
 }
