@@ -55,6 +55,8 @@ enum Submitted {
     Pending,
     StoppedBeforeSubmit,
     StoppedAfterSubmit,
+    /// Our claim lapsed and another worker owns the job now.
+    TakenOver,
 }
 
 /// The apalis handler: one wake-up, at most one job submitted.
@@ -96,19 +98,24 @@ pub async fn dispatch(ctx: &WorkerCtx, job_id: Uuid) -> Result<(), DispatchError
     let outcome = with_claim_renewal(ctx, job_id, submit(ctx, &job)).await;
     match outcome {
         Ok(Submitted::Pending) => {
-            tracing::info!("job submitted to Ray");
+            tracing::info!("job submitted");
             let _ = ctx.tracked_tx.send(job_id);
             Ok(())
         }
         Ok(Submitted::StoppedAfterSubmit) => {
             // The tracker owns it now: it stops it on Ray, keeps the logs and
             // releases the slots.
-            tracing::info!("job stopped while it was being submitted; stopping it on Ray");
+            tracing::info!("job stopped while it was being submitted; stopping it");
             let _ = ctx.tracked_tx.send(job_id);
             Ok(())
         }
+        Ok(Submitted::TakenOver) => {
+            // Its slots are the same lease members the new owner holds: keep them.
+            tracing::warn!("the dispatch claim lapsed and another worker took the job over");
+            Ok(())
+        }
         Ok(Submitted::StoppedBeforeSubmit) => {
-            tracing::info!("job stopped before it reached Ray");
+            tracing::info!("job stopped before it was submitted");
             release_all(ctx, &job).await;
             Ok(())
         }
@@ -243,8 +250,15 @@ async fn launch(
                 env_vars: env,
                 pip: job.pip.clone(),
             };
-            match ctx.ray(&host)?.submit(&request).await {
+            let ray = ctx.ray(&host)?;
+            match ray.submit(&request).await {
                 Ok(outcome) => (outcome, host),
+                // Ray's "already exists" answer names the submission id, which
+                // is also the job's ENV_JOB_ID_GATEWAY and so is redacted from
+                // the error text: the client cannot recognise it. Ask Ray.
+                Err(_) if matches!(ray.job(&request.submission_id).await, Ok(Some(_))) => {
+                    (SubmitOutcome::AlreadyExists, host)
+                }
                 Err(e) => {
                     // A package Ray lost is uploaded again next time.
                     ctx.forget_package(&head, &sha);
@@ -284,6 +298,10 @@ async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, Dispatc
     let host = launch(ctx, job, staged, env).await?;
     if ctx.store.mark_pending(job.id, &ctx.name, &host).await? {
         Ok(Submitted::Pending)
+    } else if !ctx.store.job_status(job.id).await?.is_some_and(|s| s.is_terminal()) {
+        // Not a stop: our claim lapsed and another worker is submitting (or
+        // already submitted) the same job. Stopping it would kill its run.
+        Ok(Submitted::TakenOver)
     } else {
         if let Ok(runner) = ctx.runner(&host) {
             let _ = runner.stop(job.id).await;

@@ -82,6 +82,7 @@ pub async fn run_with(
     let Backends { store, limiter, queue, feed, secrets } = backends;
     let ctx = Arc::new(WorkerCtx::new(name.clone(), Arc::new(config), store, limiter, queue, secrets, tracked_tx));
     tracing::info!(worker = %name, "worker started");
+    rebuild_leases(&ctx).await;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = tokio::spawn(track::run(ctx.clone(), tracked_rx, stop_rx.clone()));
@@ -108,6 +109,12 @@ async fn run_apalis(
 ) -> anyhow::Result<()> {
     let config = ctx.config.clone();
     let apalis_config = queue::apalis_config(&config.redis_prefix, &config.worker);
+    // apalis-redis 1.0 keeps worker heartbeats in whole seconds and truncates
+    // `heartbeat × missed_heartbeats` to seconds: below ~3 s, workers on one
+    // queue evict each other as dead every second or so (each then restarts
+    // and its in-flight wake-ups are delivered again). Keep the window ≥ 3 s.
+    let min_missed = Duration::from_secs(3).as_millis().div_ceil(config.worker.heartbeat.as_millis().max(1));
+    let apalis_config = apalis_config.missed_heartbeats(config.worker.missed_heartbeats.max(min_missed as usize));
     let wake = wake::WakeSignal::default();
     let listener = tokio::spawn(wake::listen(redis_url, queue::available_channel(&apalis_config), wake.clone()));
     let heartbeat = config.worker.heartbeat;
@@ -167,6 +174,23 @@ async fn run_local(
             }
             drop(permit);
         });
+    }
+}
+
+/// Slots of jobs already running count before anything new is dispatched:
+/// after a restart of the embedded gateway (in-process leases are gone) or
+/// of Redis. Holders renew them from then on.
+async fn rebuild_leases(ctx: &WorkerCtx) {
+    match ctx.store.running_jobs().await {
+        Ok(jobs) => {
+            for (id, user) in jobs {
+                if let Err(e) = ctx.limiter.renew(&user, &id.to_string(), ctx.config.worker.lease_ttl).await {
+                    tracing::warn!(error = %e, "could not restore slot leases");
+                    return;
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list running jobs to restore their slots"),
     }
 }
 
