@@ -39,10 +39,16 @@ pub fn dispatch_queue(prefix: &str) -> String {
 /// heartbeat bounds how long a dead worker's task stays in flight
 /// (`heartbeat * missed_heartbeats`, CRATES.md trap 6).
 pub fn apalis_config(prefix: &str, tuning: &WorkerTuning) -> apalis_redis::Config {
+    // apalis-redis 1.0 keeps worker heartbeats in whole seconds and truncates
+    // `heartbeat × missed_heartbeats` to seconds: below ~3 s, workers on one
+    // queue evict each other as dead every second or so (each then restarts
+    // and its in-flight wake-ups are delivered again). Keep the window ≥ 3 s.
+    let heartbeat_ms = tuning.heartbeat.as_millis().max(1);
+    let min_missed = (3000u128.div_ceil(heartbeat_ms)) as usize;
     apalis_redis::Config::default()
         .queue(dispatch_queue(prefix))
         .heartbeat_interval(tuning.heartbeat)
-        .missed_heartbeats(tuning.missed_heartbeats)
+        .missed_heartbeats(tuning.missed_heartbeats.max(min_missed))
         .batch_size(tuning.concurrency)
         // Results of a wake-up carry nothing worth keeping.
         .persist_results(false)

@@ -312,7 +312,10 @@ impl RayClient {
             tracing::debug!("job submitted");
             return Ok(SubmitOutcome::Submitted);
         }
-        let secrets: Vec<&str> = req.env_vars.values().map(String::as_str).collect();
+        // The submission id is no secret (it is also ENV_JOB_ID_GATEWAY) and
+        // must stay readable to recognise "already exists".
+        let secrets: Vec<&str> =
+            req.env_vars.values().map(String::as_str).filter(|v| *v != req.submission_id).collect();
         match http_error(response, &secrets).await {
             RayError::Http { status, body }
                 if (400..600).contains(&status)

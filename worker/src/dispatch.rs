@@ -253,9 +253,8 @@ async fn launch(
             let ray = ctx.ray(&host)?;
             match ray.submit(&request).await {
                 Ok(outcome) => (outcome, host),
-                // Ray's "already exists" answer names the submission id, which
-                // is also the job's ENV_JOB_ID_GATEWAY and so is redacted from
-                // the error text: the client cannot recognise it. Ask Ray.
+                // A submit that failed on our side (a timeout) may still have
+                // reached Ray: if Ray has the job, it is submitted.
                 Err(_) if matches!(ray.job(&request.submission_id).await, Ok(Some(_))) => {
                     (SubmitOutcome::AlreadyExists, host)
                 }

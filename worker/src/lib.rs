@@ -109,12 +109,6 @@ async fn run_apalis(
 ) -> anyhow::Result<()> {
     let config = ctx.config.clone();
     let apalis_config = queue::apalis_config(&config.redis_prefix, &config.worker);
-    // apalis-redis 1.0 keeps worker heartbeats in whole seconds and truncates
-    // `heartbeat × missed_heartbeats` to seconds: below ~3 s, workers on one
-    // queue evict each other as dead every second or so (each then restarts
-    // and its in-flight wake-ups are delivered again). Keep the window ≥ 3 s.
-    let min_missed = Duration::from_secs(3).as_millis().div_ceil(config.worker.heartbeat.as_millis().max(1));
-    let apalis_config = apalis_config.missed_heartbeats(config.worker.missed_heartbeats.max(min_missed as usize));
     let wake = wake::WakeSignal::default();
     let listener = tokio::spawn(wake::listen(redis_url, queue::available_channel(&apalis_config), wake.clone()));
     let heartbeat = config.worker.heartbeat;

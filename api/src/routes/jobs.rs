@@ -124,6 +124,7 @@ impl JobsApi {
         /// `serverless` (own functions) or `catalog` (provider functions).
         filter: Query<Option<String>>,
         created_after: Query<Option<String>>,
+        raw: poem::web::Query<std::collections::BTreeMap<String, String>>,
     ) -> ApiResult<Json<JobPage>> {
         let caller = &auth.0;
         let limit = limit.0.unwrap_or(100);
@@ -141,6 +142,14 @@ impl JobsApi {
             },
             function: None,
         };
+        // `provider=` (the client sends it for provider functions): none are
+        // served, so no job matches, and a function under it does not exist.
+        if let Some(provider) = raw.get("provider").map(|p| shared::domain::sanitize_title(p)).filter(|p| !p.is_empty()) {
+            if let Some(title) = function.0.as_deref().map(shared::domain::sanitize_title).filter(|t| !t.is_empty()) {
+                return Err(ApiError::function_not_found(&format!("{provider}/{title}")));
+            }
+            return Ok(Json(JobPage { count: 0, next: None, previous: None, results: Vec::new() }));
+        }
         if let Some(title) = function.0.as_deref().filter(|s| !s.is_empty()) {
             let title = shared::domain::sanitize_title(title);
             if state.store.program_by_title(caller.user.id, &title).await?.is_none() {

@@ -71,7 +71,19 @@ pub enum RunRequest {
 impl ProgramsApi {
     /// The caller's functions.
     #[oai(path = "/", method = "get")]
-    async fn list(&self, auth: Auth, state: Data<&Arc<AppState>>) -> ApiResult<Json<Vec<ProgramView>>> {
+    async fn list(
+        &self,
+        auth: Auth,
+        state: Data<&Arc<AppState>>,
+        query: poem::web::Query<BTreeMap<String, String>>,
+    ) -> ApiResult<Json<Vec<ProgramView>>> {
+        // The clients ask for the catalog (`filter=catalog`) or for one
+        // provider's functions (`provider=`). Provider functions are not
+        // served, so those lists are empty rather than the caller's own.
+        let provider = query.get("provider").map(|p| sanitize_title(p)).filter(|p| !p.is_empty());
+        if provider.is_some() || query.get("filter").is_some_and(|f| f == "catalog") {
+            return Ok(Json(Vec::new()));
+        }
         let programs = state.store.programs(auth.0.user.id).await?;
         Ok(Json(programs.iter().map(ProgramView::from).collect()))
     }
@@ -182,7 +194,7 @@ async fn save_program(
                 .into_vec()
                 .await
                 .map_err(|e| ApiError::BadRequest(format!("The artifact could not be read: {e}")))?;
-            let limits = state.artifact_limits.clone();
+            let limits = state.artifact_limits;
             let entrypoint = upsert
                 .entrypoint
                 .clone()
@@ -277,7 +289,8 @@ fn artifact_error(e: artifact::ArtifactError) -> ApiError {
 }
 
 /// The stored title; providers (`provider/title` or `provider=`) are not
-/// served by this gateway yet, so they answer like an unknown function.
+/// served by this gateway yet, so they answer like an unknown function,
+/// with the original's "Qiskit Function p/t doesn't exist.".
 fn function_title(raw: &str, provider: Option<&str>) -> ApiResult<String> {
     let title = sanitize_title(raw.trim());
     if title.is_empty() || title.len() > 255 {
@@ -286,11 +299,11 @@ fn function_title(raw: &str, provider: Option<&str>) -> ApiResult<String> {
     if title.matches('/').count() > 1 {
         return Err(ApiError::BadRequest("'title' may contain at most one '/'.".into()));
     }
-    if let Some((provider, _)) = title.split_once('/') {
-        return Err(ApiError::NotFound(format!("Provider {provider} doesn't exist.")));
+    if title.contains('/') {
+        return Err(ApiError::function_not_found(&title));
     }
     if let Some(p) = provider.map(sanitize_title).filter(|p| !p.is_empty()) {
-        return Err(ApiError::NotFound(format!("Provider {p} doesn't exist.")));
+        return Err(ApiError::function_not_found(&format!("{p}/{title}")));
     }
     Ok(title)
 }

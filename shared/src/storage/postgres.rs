@@ -510,15 +510,18 @@ impl PgStore {
 
     // ---- jobs: worker side -------------------------------------------------
 
-    /// Takes the dispatch claim on a QUEUED job: nobody else holds it, or
-    /// the holder's claim ran out (a dead worker). Returns what submitting needs.
+    /// Takes the dispatch claim on a QUEUED job: nobody holds it, or the
+    /// holder's claim ran out (a dead worker). Returns what submitting needs.
+    /// A live claim is exclusive even for its own worker: one process runs
+    /// many handlers, and two wake-ups of the same job (the API's push and a
+    /// reconciler sweep) must not both submit it.
     pub async fn claim_for_dispatch(&self, id: Uuid, worker: &str, ttl: Duration) -> StorageResult<Option<DispatchJob>> {
         let row = sqlx::query(
             "WITH claimed AS ( \
                  UPDATE jobs SET claimed_by = $2, claim_until = now() + make_interval(secs => $3), \
                      dispatch_attempts = dispatch_attempts + 1 \
                  WHERE id = $1 AND status = 'QUEUED' \
-                   AND (claimed_by IS NULL OR claimed_by = $2 OR claim_until < now()) \
+                   AND (claimed_by IS NULL OR claim_until < now()) \
                  RETURNING id, author_id, program_id, arguments, env_sealed, pip, dispatch_attempts) \
              SELECT c.id, c.author_id, u.username, p.title, p.provider, p.entrypoint, p.artifact_sha256, \
                  c.arguments, c.env_sealed, p.env_vars_sealed, c.pip, c.dispatch_attempts \
