@@ -941,3 +941,20 @@ async fn provider_functions_are_unknown_functions() {
     assert_eq!((status, &body), (404, &not_found));
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_new_entrypoint_without_an_artifact_must_be_in_the_stored_one() {
+    let gw = gateway().await;
+    let (status, _) = gw.upload(TOKEN, "twofiles", &[("main.py", "print(1)"), ("other.py", "print(2)")]).await;
+    assert_eq!(status, 200);
+    let form = |entry: &str| reqwest::multipart::Form::new().text("title", "twofiles").text("entrypoint", entry.to_string());
+    let (status, body) = gw.post_form(TOKEN, "programs/upload/", form("missing.py")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("missing.py"), "{body}");
+    let (_, program) = gw.get(TOKEN, "programs/get_by_title/twofiles/").await;
+    assert_eq!(program["entrypoint"], "main.py", "a rejected upload changes nothing");
+    let (status, body) = gw.post_form(TOKEN, "programs/upload/", form("other.py")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["entrypoint"], "other.py");
+    gw.shutdown().await;
+}

@@ -215,10 +215,26 @@ async fn save_program(
             state.store.put_artifact(&sha, &bytes).await?;
             upsert.artifact = Some((sha, name));
         }
-        None if existing.is_none() => {
-            return Err(ApiError::BadRequest("An artifact (.tar of the function's directory) is required.".into()));
-        }
-        None => {}
+        None => match (&existing, &upsert.entrypoint) {
+            (None, _) => {
+                return Err(ApiError::BadRequest("An artifact (.tar of the function's directory) is required.".into()));
+            }
+            // A new entrypoint for the stored artifact must be in it.
+            (Some(program), Some(entrypoint)) if entrypoint != &program.entrypoint => {
+                let stored = match &program.artifact_sha256 {
+                    Some(sha) => state.store.artifact(sha).await?,
+                    None => None,
+                };
+                let limits = state.artifact_limits.clone();
+                let files = stored
+                    .map(|tar| artifact::validate_tar(&tar, &limits).map(|s| s.files).unwrap_or_default())
+                    .unwrap_or_default();
+                if !files.iter().any(|f| f == entrypoint) {
+                    return Err(ApiError::BadRequest(format!("The entrypoint '{entrypoint}' is not in the artifact.")));
+                }
+            }
+            (Some(_), _) => {}
+        },
     }
     Ok(state.store.upsert_program(caller.user.id, &upsert).await?)
 }
