@@ -364,6 +364,53 @@ fn url_escape(s: &str) -> String {
         .collect()
 }
 
+/// Every variable the gateway reads: (name, default, meaning). README's
+/// configuration table and `compose.yaml` are checked against this list.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    ("DATABASE_URL", "unset", "Postgres URL; with REDIS_URL selects the distributed gateway"),
+    ("DATABASE_HOST", "unset", "Postgres host (the original's form; used when DATABASE_URL is unset)"),
+    ("DATABASE_PORT", "5432", "Postgres port"),
+    ("DATABASE_NAME", "serverlessdb", "Postgres database"),
+    ("DATABASE_USER", "serverlessuser", "Postgres user"),
+    ("DATABASE_PASSWORD", "serverlesspassword", "Postgres password"),
+    ("REDIS_URL", "unset", "Redis URL for the queue and the slot leases"),
+    ("GATEWAY_REDIS_PREFIX", "qsgw", "prefix of every Redis key the gateway writes"),
+    ("GATEWAY_LISTEN", "127.0.0.1:8000", "address the API binds"),
+    ("SITE_HOST", "http:// + the bound address", "public URL of the gateway, injected into jobs as ENV_JOB_GATEWAY_HOST"),
+    ("GATEWAY_DATA_DIR", "./data", "data dir (arguments and result files), shared with the Ray node"),
+    ("RAY_DATA_PATH", "GATEWAY_DATA_DIR", "the same dir as the Ray node sees it"),
+    ("SETTINGS_AUTH_MECHANISM", "mock_token (embedded), default (Postgres)", "mock_token, default (Keycloak) or custom_token"),
+    ("SETTINGS_AUTH_MOCK_TOKEN", "awesome_token", "static bearer token of user mockuser (refused off loopback unless DEBUG=1)"),
+    ("SETTINGS_AUTH_MOCK_TOKENS", "unset", "more tokens: token1=user1,token2=user2"),
+    ("GATEWAY_SECRET_KEY", "required with Postgres unless DEBUG=1", "key that encrypts job tokens and function env vars at rest (also read as DJANGO_SECRET_KEY)"),
+    ("DJANGO_SECRET_KEY", "unset", "the original's name for GATEWAY_SECRET_KEY"),
+    ("DEBUG", "0", "debug logging and development defaults"),
+    ("LOG_FORMAT", "simple", "json for JSON log lines"),
+    ("VERSION", "the crate version", "served at /version/"),
+    ("LIMITS_JOBS_PER_USER", "2", "PENDING+RUNNING jobs per user"),
+    ("LIMITS_MAX_CLUSTERS", "6", "clusters alive at once; in local mode, concurrent jobs on the head"),
+    ("LIMITS_ACTIVE_JOBS_PER_USER", "50", "QUEUED+PENDING+RUNNING jobs per user, checked at run (429)"),
+    ("RAY_CLUSTER_MODE_LOCAL", "0", "1: one existing Ray head; 0: clusters through KubeRay"),
+    ("RAY_CLUSTER_MODE_LOCAL_HOST", "http://localhost:8265", "dashboard URL of the local head (then RAY_LOCAL_HOST, then RAY_HOST)"),
+    ("RAY_LOCAL_HOST", "unset", "alias of RAY_CLUSTER_MODE_LOCAL_HOST"),
+    ("RAY_HOST", "unset", "lowest-precedence alias of RAY_CLUSTER_MODE_LOCAL_HOST"),
+    ("RAY_KUBERAY_NAMESPACE", "qiskit-serverless", "namespace of RayCluster resources"),
+    ("RAY_NODE_IMAGE", "icr.io/quantum-public/qiskit-serverless/ray-node:0.37.0", "image of created Ray nodes"),
+    ("RAY_CLUSTER_MAX_READINESS_TIME", "480", "seconds a new cluster may take to become ready"),
+    ("FUNCTIONS_LOGS_SIZE_LIMIT", "52428800", "bytes of a job's log kept (the tail, with a marker)"),
+    ("GATEWAY_MAX_ARTIFACT_BYTES", "104857600", "largest accepted artifact (413 above)"),
+    ("GATEWAY_MAX_ARGUMENTS_BYTES", "1048576", "largest accepted arguments (413 above)"),
+    ("GATEWAY_PYTHON", "python3", "interpreter of the embedded gateway's local runner"),
+    ("GATEWAY_WORKER_CONCURRENCY", "16", "dispatches handled at once per worker process"),
+    ("GATEWAY_QUEUE_HEARTBEAT_MS", "1000", "queue heartbeat; a dead worker's task returns after heartbeat x missed heartbeats"),
+    ("GATEWAY_QUEUE_MISSED_HEARTBEATS", "3", "missed heartbeats before a worker counts as dead"),
+    ("GATEWAY_TRACK_INTERVAL_MS", "150", "how often running jobs are looked at on Ray"),
+    ("GATEWAY_LEASE_TTL_SECONDS", "30", "lifetime of a slot lease (renewed by its holder)"),
+    ("GATEWAY_CLAIM_TTL_SECONDS", "5", "lifetime of a dispatch claim (renewed during slow steps)"),
+    ("GATEWAY_RECONCILE_INTERVAL_MS", "1000", "period of the sweep that re-wakes queued jobs"),
+    ("GATEWAY_TEST_DISPATCH_PAUSE_MS", "0", "test hook: a pause inside dispatch; never set in production"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,50 +525,3 @@ mod tests {
         assert!(cfg(&[("GATEWAY_LISTEN", "0.0.0.0:8000"), ("SETTINGS_AUTH_MOCK_TOKEN", "s3cret")]).is_ok());
     }
 }
-
-/// Every variable the gateway reads: (name, default, meaning). README's
-/// configuration table and `compose.yaml` are checked against this list.
-pub const VARIABLES: &[(&str, &str, &str)] = &[
-    ("DATABASE_URL", "unset", "Postgres URL; with REDIS_URL selects the distributed gateway"),
-    ("DATABASE_HOST", "unset", "Postgres host (the original's form; used when DATABASE_URL is unset)"),
-    ("DATABASE_PORT", "5432", "Postgres port"),
-    ("DATABASE_NAME", "serverlessdb", "Postgres database"),
-    ("DATABASE_USER", "serverlessuser", "Postgres user"),
-    ("DATABASE_PASSWORD", "serverlesspassword", "Postgres password"),
-    ("REDIS_URL", "unset", "Redis URL for the queue and the slot leases"),
-    ("GATEWAY_REDIS_PREFIX", "qsgw", "prefix of every Redis key the gateway writes"),
-    ("GATEWAY_LISTEN", "127.0.0.1:8000", "address the API binds"),
-    ("SITE_HOST", "http:// + the bound address", "public URL of the gateway, injected into jobs as ENV_JOB_GATEWAY_HOST"),
-    ("GATEWAY_DATA_DIR", "./data", "data dir (arguments and result files), shared with the Ray node"),
-    ("RAY_DATA_PATH", "GATEWAY_DATA_DIR", "the same dir as the Ray node sees it"),
-    ("SETTINGS_AUTH_MECHANISM", "mock_token (embedded), default (Postgres)", "mock_token, default (Keycloak) or custom_token"),
-    ("SETTINGS_AUTH_MOCK_TOKEN", "awesome_token", "static bearer token of user mockuser (refused off loopback unless DEBUG=1)"),
-    ("SETTINGS_AUTH_MOCK_TOKENS", "unset", "more tokens: token1=user1,token2=user2"),
-    ("GATEWAY_SECRET_KEY", "required with Postgres unless DEBUG=1", "key that encrypts job tokens and function env vars at rest (also read as DJANGO_SECRET_KEY)"),
-    ("DJANGO_SECRET_KEY", "unset", "the original's name for GATEWAY_SECRET_KEY"),
-    ("DEBUG", "0", "debug logging and development defaults"),
-    ("LOG_FORMAT", "simple", "json for JSON log lines"),
-    ("VERSION", "the crate version", "served at /version/"),
-    ("LIMITS_JOBS_PER_USER", "2", "PENDING+RUNNING jobs per user"),
-    ("LIMITS_MAX_CLUSTERS", "6", "clusters alive at once; in local mode, concurrent jobs on the head"),
-    ("LIMITS_ACTIVE_JOBS_PER_USER", "50", "QUEUED+PENDING+RUNNING jobs per user, checked at run (429)"),
-    ("RAY_CLUSTER_MODE_LOCAL", "0", "1: one existing Ray head; 0: clusters through KubeRay"),
-    ("RAY_CLUSTER_MODE_LOCAL_HOST", "http://localhost:8265", "dashboard URL of the local head (then RAY_LOCAL_HOST, then RAY_HOST)"),
-    ("RAY_LOCAL_HOST", "unset", "alias of RAY_CLUSTER_MODE_LOCAL_HOST"),
-    ("RAY_HOST", "unset", "lowest-precedence alias of RAY_CLUSTER_MODE_LOCAL_HOST"),
-    ("RAY_KUBERAY_NAMESPACE", "qiskit-serverless", "namespace of RayCluster resources"),
-    ("RAY_NODE_IMAGE", "icr.io/quantum-public/qiskit-serverless/ray-node:0.37.0", "image of created Ray nodes"),
-    ("RAY_CLUSTER_MAX_READINESS_TIME", "480", "seconds a new cluster may take to become ready"),
-    ("FUNCTIONS_LOGS_SIZE_LIMIT", "52428800", "bytes of a job's log kept (the tail, with a marker)"),
-    ("GATEWAY_MAX_ARTIFACT_BYTES", "104857600", "largest accepted artifact (413 above)"),
-    ("GATEWAY_MAX_ARGUMENTS_BYTES", "1048576", "largest accepted arguments (413 above)"),
-    ("GATEWAY_PYTHON", "python3", "interpreter of the embedded gateway's local runner"),
-    ("GATEWAY_WORKER_CONCURRENCY", "16", "dispatches handled at once per worker process"),
-    ("GATEWAY_QUEUE_HEARTBEAT_MS", "1000", "queue heartbeat; a dead worker's task returns after heartbeat x missed heartbeats"),
-    ("GATEWAY_QUEUE_MISSED_HEARTBEATS", "3", "missed heartbeats before a worker counts as dead"),
-    ("GATEWAY_TRACK_INTERVAL_MS", "150", "how often running jobs are looked at on Ray"),
-    ("GATEWAY_LEASE_TTL_SECONDS", "30", "lifetime of a slot lease (renewed by its holder)"),
-    ("GATEWAY_CLAIM_TTL_SECONDS", "5", "lifetime of a dispatch claim (renewed during slow steps)"),
-    ("GATEWAY_RECONCILE_INTERVAL_MS", "1000", "period of the sweep that re-wakes queued jobs"),
-    ("GATEWAY_TEST_DISPATCH_PAUSE_MS", "0", "test hook: a pause inside dispatch; never set in production"),
-];

@@ -64,7 +64,7 @@ pub fn available_channel(config: &apalis_redis::Config) -> String {
 #[derive(Clone)]
 pub enum DispatchQueue {
     /// apalis over Redis: any number of worker processes.
-    Redis { storage: RedisStorage<Dispatch>, push_timeout: Duration },
+    Redis { storage: Box<RedisStorage<Dispatch>>, push_timeout: Duration },
     /// The embedded gateway's in-process channel. Its durability is the job
     /// table itself: QUEUED jobs are re-woken by the reconciler after a restart.
     Local(mpsc::UnboundedSender<Dispatch>),
@@ -82,7 +82,7 @@ impl std::fmt::Debug for DispatchQueue {
 impl DispatchQueue {
     pub fn new(conn: ConnectionManager, prefix: &str, tuning: &WorkerTuning) -> Self {
         let storage = RedisStorage::new(conn).with_config(apalis_config(prefix, tuning));
-        DispatchQueue::Redis { storage, push_timeout: Duration::from_millis(1500) }
+        DispatchQueue::Redis { storage: Box::new(storage), push_timeout: Duration::from_millis(1500) }
     }
 
     /// An in-process queue and the receiving end its worker reads.
@@ -103,7 +103,7 @@ impl DispatchQueue {
                 return Ok(());
             }
         };
-        let mut storage = storage.clone();
+        let mut storage = (**storage).clone();
         let tasks: Vec<Dispatch> = job_ids.iter().map(|&job_id| Dispatch { job_id }).collect();
         let push = async move {
             for task in tasks {

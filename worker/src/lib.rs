@@ -194,8 +194,8 @@ pub async fn wait_for_schema(store: &Store) {
     loop {
         match store.schema_ready().await {
             Ok(true) => return,
-            Ok(false) if waited % 10 == 0 => tracing::info!("waiting for the API to apply database migrations"),
-            Err(e) if waited % 10 == 0 => tracing::warn!(error = %e, "waiting for the database"),
+            Ok(false) if waited.is_multiple_of(10) => tracing::info!("waiting for the API to apply database migrations"),
+            Err(e) if waited.is_multiple_of(10) => tracing::warn!(error = %e, "waiting for the database"),
             _ => {}
         }
         waited += 1;

@@ -225,7 +225,7 @@ async fn save_program(
                     Some(sha) => state.store.artifact(sha).await?,
                     None => None,
                 };
-                let limits = state.artifact_limits.clone();
+                let limits = state.artifact_limits;
                 let files = stored
                     .map(|tar| artifact::validate_tar(&tar, &limits).map(|s| s.files).unwrap_or_default())
                     .unwrap_or_default();

@@ -148,6 +148,8 @@ pub struct NewJob {
     pub pip: Vec<String>,
 }
 
+// Results of one call, never stored in bulk: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum CreateJob {
     Created(Job),
@@ -164,6 +166,7 @@ pub enum StopOutcome {
     NotFound,
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum SubStatusOutcome {
     Updated(JobView),
