@@ -5,15 +5,10 @@ use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    shared::init_crypto();
-    let config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("gateway-api: configuration error: {e}");
-            return ExitCode::from(2);
-        }
+    let config = match shared::process_start("gateway-api") {
+        Ok(config) => config,
+        Err(code) => return code,
     };
-    shared::telemetry::init(config.log_json, config.debug);
     let result = match config.backend {
         Backend::Embedded => run_embedded(config).await,
         Backend::Distributed { .. } => run_distributed(config).await,

@@ -38,3 +38,20 @@ pub async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
+
+/// The start of every binary: the crypto provider, the configuration from
+/// the environment (one clear line and exit code 2 when it is wrong), and
+/// tracing.
+pub fn process_start(binary: &str) -> Result<config::Config, std::process::ExitCode> {
+    init_crypto();
+    match config::Config::from_env() {
+        Ok(config) => {
+            telemetry::init(config.log_json, config.debug);
+            Ok(config)
+        }
+        Err(e) => {
+            eprintln!("{binary}: configuration error: {e}");
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}

@@ -105,22 +105,34 @@ impl WorkerCtx {
     /// Pushes wake-ups for the jobs that should run next now that a slot
     /// may be free, fairest first.
     pub async fn wake_next(&self) {
-        let candidates = match self.store.dispatch_candidates(self.config.limits.jobs_per_user, None, 16).await {
+        self.wake_candidates(None, 16).await;
+    }
+
+    /// Wakes up to `limit` dispatch candidates (only those last woken
+    /// longer than `stale` ago, when given). Returns how many were woken.
+    pub async fn wake_candidates(&self, stale: Option<Duration>, limit: i64) -> usize {
+        let candidates = match self.store.dispatch_candidates(self.config.limits.jobs_per_user, stale, limit).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "could not pick the next jobs");
-                return;
+                return 0;
             }
         };
         let ids: Vec<Uuid> = candidates.iter().map(|c| c.job_id).collect();
         if ids.is_empty() {
-            return;
+            return 0;
         }
         match self.queue.push(&ids).await {
             Ok(()) => {
-                let _ = self.store.mark_enqueued(&ids).await;
+                if let Err(e) = self.store.mark_enqueued(&ids).await {
+                    tracing::warn!(error = %e, "could not record wake-ups");
+                }
+                ids.len()
             }
-            Err(e) => tracing::warn!(error = %e, "wake-up push failed; the reconciler retries"),
+            Err(e) => {
+                tracing::debug!(error = %e, "wake-up push failed; the reconciler retries");
+                0
+            }
         }
     }
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use uuid::Uuid;
 
 use crate::context::WorkerCtx;
 
@@ -26,24 +25,8 @@ pub async fn run(ctx: Arc<WorkerCtx>, mut shutdown: watch::Receiver<bool>) {
 }
 
 pub async fn sweep(ctx: &WorkerCtx) {
-    let candidates = match ctx.store.dispatch_candidates(ctx.config.limits.jobs_per_user, Some(STALE_AFTER), 64).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "reconciler: database unavailable");
-            return;
-        }
-    };
-    let ids: Vec<Uuid> = candidates.iter().map(|c| c.job_id).collect();
-    if ids.is_empty() {
-        return;
-    }
-    match ctx.queue.push(&ids).await {
-        Ok(()) => {
-            tracing::debug!(count = ids.len(), "reconciler re-woke queued jobs");
-            if let Err(e) = ctx.store.mark_enqueued(&ids).await {
-                tracing::warn!(error = %e, "reconciler: could not record wake-ups");
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "reconciler: queue unavailable; retrying"),
+    let woken = ctx.wake_candidates(Some(STALE_AFTER), 64).await;
+    if woken > 0 {
+        tracing::debug!(count = woken, "reconciler re-woke queued jobs");
     }
 }
