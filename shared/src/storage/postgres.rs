@@ -718,6 +718,10 @@ impl PgStore {
         let current = status_of(&row, "status")?;
         let author: Uuid = row.try_get("author_id")?;
         let moves = !current.is_terminal();
+        if moves {
+            // Only a submitted (PENDING/RUNNING) job can end here.
+            current.transition(fin.status).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        }
         let final_status = if moves { fin.status } else { current };
         sqlx::query(
             "UPDATE jobs SET status = $2, status_reason = COALESCE(status_reason, $3), logs = $4, \
