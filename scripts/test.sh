@@ -204,6 +204,7 @@ stop_tree() { # root name leader_first
 RUN_TMP=""
 RAY_PID=""
 CARGO_PID=""
+SUMMARY=""
 cleanup() {
   local rc=$?
   set +e
@@ -214,6 +215,8 @@ cleanup() {
   [ -n "$CARGO_PID" ] && stop_tree "$CARGO_PID" "cargo" 0
   [ -n "$RAY_PID" ] && stop_tree "$RAY_PID" "Ray head" 1
   [ -n "$RUN_TMP" ] && rm -rf -- "$RUN_TMP"
+  # The totals close the output, after the Ray head's shutdown lines.
+  [ -n "$SUMMARY" ] && echo "$SUMMARY"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -572,12 +575,16 @@ EOF
 # cargo, the test binaries and whatever they spawned, then the Ray head.
 run_cargo() {
   local rc=0
-  setsid -w cargo "$@" &
+  # Everything cargo prints is also kept, to total the test results at the end.
+  setsid -w cargo "$@" > >(tee -a "$CARGO_LOG") 2>&1 &
   CARGO_PID=$!
   wait "$CARGO_PID" || rc=$?
   CARGO_PID=""
   return "$rc"
 }
+
+CARGO_LOG="$RUN_TMP/cargo.log"
+: >"$CARGO_LOG"
 
 if [ "${GATEWAY_TEST_DRY:-0}" = 1 ]; then
   step "GATEWAY_TEST_DRY=1: skipping build and tests, running cargo --version"
@@ -596,9 +603,23 @@ fi
 step "cargo test --workspace --no-fail-fast $*"
 rc=0
 run_cargo test --workspace --no-fail-fast "$@" || rc=$?
+# One closing line over all test binaries (the last cargo line is usually a
+# doc-test run with nothing in it).
+read -r passed failed ignored < <(awk '/^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($(i+1) ~ /^passed;?$/) p += $i
+      if ($(i+1) ~ /^failed;?$/) f += $i
+      if ($(i+1) ~ /^ignored;?$/) g += $i
+    }
+  } END { print p + 0, f + 0, g + 0 }' "$CARGO_LOG")
+if [ "$rc" -eq 0 ] && [ "$passed" -eq 0 ]; then
+  log "ERROR: cargo test ran no test"
+  rc=1
+fi
 if [ "$rc" -eq 0 ]; then
   log "cargo test passed"
 else
   log "cargo test failed (exit $rc)"
 fi
+SUMMARY="summary: $passed passed, $failed failed, $ignored skipped"
 exit "$rc"

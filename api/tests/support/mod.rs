@@ -105,7 +105,7 @@ fn config_from(vars: &BTreeMap<String, String>) -> Config {
 impl TestGateway {
     pub async fn start(opts: Options) -> TestGateway {
         shared::init_crypto();
-        shared::telemetry::init(false, false);
+        shared::telemetry::init_for_tests();
         let (db_url, db_name) = fresh_database().await;
         let redis_url = opts.redis_url.clone().unwrap_or_else(|| required_env("GATEWAY_TEST_REDIS_URL"));
         let prefix = format!("gwt:{}", Uuid::new_v4().simple());
