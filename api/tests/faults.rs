@@ -325,3 +325,37 @@ async fn logs_above_the_cap_keep_the_tail_with_a_marker() {
     assert_eq!(stored.as_deref(), Some(logs), "the API serves the stored, capped logs");
     gw.shutdown().await;
 }
+
+/// Ray keeps a job's env (the user's token) in its job table; the gateway
+/// deletes ended jobs there after the retention, and still serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_jobs_are_deleted_from_ray_after_the_retention() {
+    let gw = TestGateway::start(Options::default().workers(1).var("GATEWAY_RAY_JOB_RETENTION_SECONDS", "5")).await;
+    let (status, _) = gw
+        .upload(support::TOKEN, "quick", &[("main.py", "from qiskit_serverless import save_result\nprint('quick run')\nsave_result({'ok': True})\n")])
+        .await;
+    assert_eq!(status, 200);
+    let id = gw.run(support::TOKEN, "quick", &serde_json::json!({})).await;
+    gw.wait_status(support::TOKEN, &id, &["SUCCEEDED"], Duration::from_secs(60)).await;
+    assert!(gw.ray_job(&id).await.is_some(), "Ray holds the job right after it ended");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while gw.ray_job(&id).await.is_some() {
+        assert!(std::time::Instant::now() < deadline, "the ended job is still in Ray's job table");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Deleted for good (not written back by Ray's job monitor).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(gw.ray_job(&id).await.is_none());
+    let forgotten: bool = sqlx::query_scalar("SELECT ray_forgotten FROM jobs WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&gw.pool)
+        .await
+        .unwrap();
+    assert!(forgotten);
+    let (_, job) = gw.get(support::TOKEN, &format!("jobs/{id}/")).await;
+    assert_eq!(job["status"], "SUCCEEDED");
+    assert_eq!(job["result"], "{\"ok\": true}");
+    let (_, logs) = gw.get(support::TOKEN, &format!("jobs/{id}/logs/")).await;
+    assert!(logs["logs"].as_str().unwrap().contains("quick run"), "{logs}");
+    gw.shutdown().await;
+}

@@ -88,6 +88,9 @@ pub struct WorkerTuning {
     pub claim_ttl: Duration,
     /// Period of the reconciler that re-enqueues QUEUED jobs nobody holds.
     pub reconcile_interval: Duration,
+    /// How long Ray keeps an ended job (its runtime_env holds the job's
+    /// token) before the reconciler deletes it there.
+    pub ray_job_retention: Duration,
     /// Test hook: a pause inside dispatch, after the package upload and
     /// before the submit, to exercise stop-during-dispatch. Zero in production.
     pub dispatch_pause: Duration,
@@ -236,6 +239,9 @@ impl Config {
             lease_ttl: Duration::from_secs(parse_num(&get, "GATEWAY_LEASE_TTL_SECONDS", 30u64)?.max(3)),
             claim_ttl: Duration::from_secs(parse_num(&get, "GATEWAY_CLAIM_TTL_SECONDS", 5u64)?.max(2)),
             reconcile_interval: Duration::from_millis(parse_num(&get, "GATEWAY_RECONCILE_INTERVAL_MS", 1000u64)?.max(100)),
+            // Ray undoes a delete made within ~2 s of a job's end (its job
+            // monitor writes the job back), hence the floor.
+            ray_job_retention: Duration::from_secs(parse_num(&get, "GATEWAY_RAY_JOB_RETENTION_SECONDS", 600u64)?.max(5)),
             dispatch_pause: Duration::from_millis(parse_num(&get, "GATEWAY_TEST_DISPATCH_PAUSE_MS", 0u64)?),
         };
 
@@ -408,6 +414,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("GATEWAY_LEASE_TTL_SECONDS", "30", "lifetime of a slot lease (renewed by its holder)"),
     ("GATEWAY_CLAIM_TTL_SECONDS", "5", "lifetime of a dispatch claim (renewed during slow steps)"),
     ("GATEWAY_RECONCILE_INTERVAL_MS", "1000", "period of the sweep that re-wakes queued jobs"),
+    ("GATEWAY_RAY_JOB_RETENTION_SECONDS", "600", "how long an ended job stays in Ray's job table (its env holds the job's token) before it is deleted there"),
     ("GATEWAY_TEST_DISPATCH_PAUSE_MS", "0", "test hook: a pause inside dispatch; never set in production"),
 ];
 

@@ -77,9 +77,15 @@ pub async fn run_with(
     backends: Backends,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let name = unique_name();
-    let (tracked_tx, tracked_rx) = mpsc::unbounded_channel();
     let Backends { store, limiter, queue, feed, secrets } = backends;
+    // The embedded gateway has exactly one worker: a stable name lets it
+    // take back its running jobs at once after a restart instead of waiting
+    // for its own old tracking leases to run out.
+    let name = match feed {
+        Feed::Local(_) => "embedded".to_string(),
+        Feed::Redis { .. } => unique_name(),
+    };
+    let (tracked_tx, tracked_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(WorkerCtx::new(name.clone(), Arc::new(config), store, limiter, queue, secrets, tracked_tx));
     tracing::info!(worker = %name, "worker started");
     rebuild_leases(&ctx).await;

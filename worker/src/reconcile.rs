@@ -21,6 +21,35 @@ pub async fn run(ctx: Arc<WorkerCtx>, mut shutdown: watch::Receiver<bool>) {
             _ = tick.tick() => {}
         }
         sweep(&ctx).await;
+        forget_ended_ray_jobs(&ctx).await;
+    }
+}
+
+/// Deletes ended jobs from Ray's job table once their retention is over:
+/// Ray keeps each job's runtime_env, the job's token included, until then.
+/// The database keeps everything the API serves (status, logs, result).
+pub async fn forget_ended_ray_jobs(ctx: &WorkerCtx) {
+    let due = match ctx.store.ray_jobs_to_forget(ctx.config.worker.ray_job_retention, 50).await {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not list ended Ray jobs");
+            return;
+        }
+    };
+    for (id, host) in due {
+        let deleted = match ctx.ray(&host) {
+            Ok(ray) => ray.delete(&id.to_string()).await,
+            Err(e) => Err(e),
+        };
+        match deleted {
+            // `false`: Ray no longer knows it (a restarted head): nothing to keep.
+            Ok(_) => {
+                if let Err(e) = ctx.store.mark_ray_forgotten(id).await {
+                    tracing::debug!(job_id = %id, error = %e, "could not record the Ray deletion");
+                }
+            }
+            Err(e) => tracing::debug!(job_id = %id, error = %e, "Ray job not deleted yet; retrying later"),
+        }
     }
 }
 

@@ -283,4 +283,7 @@ forward! {
     pub async fn finish(&self, id: Uuid, fin: &Finish) -> StorageResult<Option<JobStatus>>;
     pub async fn dispatch_candidates(&self, jobs_per_user: u32, stale: Option<std::time::Duration>, limit: i64) -> StorageResult<Vec<Candidate>>;
     pub async fn running_jobs(&self) -> StorageResult<Vec<(Uuid, String)>>;
+    /// Ended Ray jobs (id, Ray host) still held by Ray `older_than` after they ended.
+    pub async fn ray_jobs_to_forget(&self, older_than: std::time::Duration, limit: i64) -> StorageResult<Vec<(Uuid, String)>>;
+    pub async fn mark_ray_forgotten(&self, id: Uuid) -> StorageResult<()>;
 }

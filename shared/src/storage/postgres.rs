@@ -779,6 +779,25 @@ impl PgStore {
         rows.iter().map(|r| Ok(Candidate { job_id: r.try_get("id")? })).collect()
     }
 
+    /// Ended Ray jobs still held by Ray `older_than` after they ended.
+    pub async fn ray_jobs_to_forget(&self, older_than: Duration, limit: i64) -> StorageResult<Vec<(Uuid, String)>> {
+        let rows = sqlx::query(
+            "SELECT id, ray_host FROM jobs WHERE finalized AND ray_submitted AND NOT ray_forgotten \
+               AND ray_host IS NOT NULL AND ray_host <> 'local' \
+               AND updated < now() - make_interval(secs => $1) ORDER BY updated LIMIT $2",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("ray_host")?))).collect()
+    }
+
+    pub async fn mark_ray_forgotten(&self, id: Uuid) -> StorageResult<()> {
+        sqlx::query("UPDATE jobs SET ray_forgotten = true WHERE id = $1").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// PENDING/RUNNING jobs of every user, for rebuilding slot leases.
     pub async fn running_jobs(&self) -> StorageResult<Vec<(Uuid, String)>> {
         let rows = sqlx::query(

@@ -1009,6 +1009,24 @@ impl SqliteStore {
         rows.iter().map(|r| Ok(Candidate { job_id: uuid_of(r, "id")? })).collect()
     }
 
+    /// Ended Ray jobs still held by Ray `older_than` after they ended.
+    pub async fn ray_jobs_to_forget(&self, older_than: Duration, limit: i64) -> StorageResult<Vec<(Uuid, String)>> {
+        let rows = sqlx::query(
+            "SELECT id, ray_host FROM jobs WHERE finalized = 1 AND ray_submitted = 1 AND ray_forgotten = 0 \
+               AND ray_host IS NOT NULL AND ray_host <> 'local' AND updated < ?1 ORDER BY updated LIMIT ?2",
+        )
+        .bind(now_minus(older_than))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((uuid_of(r, "id")?, r.try_get("ray_host")?))).collect()
+    }
+
+    pub async fn mark_ray_forgotten(&self, id: Uuid) -> StorageResult<()> {
+        sqlx::query("UPDATE jobs SET ray_forgotten = 1 WHERE id = ?1").bind(uid(id)).execute(&self.writer).await?;
+        Ok(())
+    }
+
     /// PENDING/RUNNING jobs of every user, for rebuilding slot leases.
     pub async fn running_jobs(&self) -> StorageResult<Vec<(Uuid, String)>> {
         let rows = sqlx::query(
