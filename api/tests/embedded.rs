@@ -176,3 +176,19 @@ async fn a_killed_embedded_gateway_finishes_its_queue_after_restart_without_runn
         assert_eq!(marker.lines().count(), 1, "run {n} executed exactly once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_gateway_submits_to_a_ray_head_when_one_is_named() {
+    let data = tempfile::tempdir().unwrap();
+    let ray = support::ray_url();
+    let gw = start(data.path(), free_port(), &[("RAY_CLUSTER_MODE_LOCAL_HOST", ray.as_str())]);
+    let out = python("client_flow.py", &gw, &[]).await;
+    assert_eq!(out["adder_result"], json!({"sum": 42}), "{out}");
+    assert_eq!(out["sleeper_status"], "CANCELED");
+    // The jobs ran on Ray, not as local processes.
+    let client = ::reqwest::Client::new();
+    let adder = out["adder_id"].as_str().unwrap();
+    let on_ray: Value = client.get(format!("{ray}/api/jobs/{adder}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(on_ray["status"], "SUCCEEDED", "{on_ray}");
+    assert!(!data.path().join("jobs").join(adder).exists(), "no local process was used");
+}
