@@ -109,6 +109,17 @@ impl DispatchQueue {
             for task in tasks {
                 storage.push(task).await.map_err(|e| QueueError::Redis(e.to_string()))?;
             }
+            // apalis-redis files even immediate pushes as scheduled and then
+            // announces nothing: announce them so workers fetch at once
+            // rather than at their next heartbeat.
+            let channel = available_channel(storage.get_config());
+            let mut conn = storage.get_connection().clone();
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(1)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| QueueError::Redis(e.to_string()))?;
             Ok(())
         };
         tokio::time::timeout(push_timeout, push).await.map_err(|_| QueueError::Timeout)?
