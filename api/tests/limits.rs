@@ -86,6 +86,12 @@ async fn jobs_of_one_user_never_overlap_but_two_users_do() {
         assert!(Instant::now() < deadline, "leases left behind: {}", gw.leases().await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every wake-up was acknowledged and then removed from Redis.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.queue_residue().await != (0, 0) {
+        assert!(Instant::now() < deadline, "the queue keeps finished wake-ups: {:?}", gw.queue_residue().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     gw.shutdown().await;
 }
 

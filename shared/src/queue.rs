@@ -50,8 +50,6 @@ pub fn apalis_config(prefix: &str, tuning: &WorkerTuning) -> apalis_redis::Confi
         .heartbeat_interval(tuning.heartbeat)
         .missed_heartbeats(tuning.missed_heartbeats.max(min_missed))
         .batch_size(tuning.concurrency)
-        // Results of a wake-up carry nothing worth keeping.
-        .persist_results(false)
 }
 
 /// The pub/sub channel apalis-redis announces pushes on; workers listen to
@@ -123,5 +121,37 @@ impl DispatchQueue {
             Ok(())
         };
         tokio::time::timeout(push_timeout, push).await.map_err(|_| QueueError::Timeout)?
+    }
+}
+
+/// Drops finished wake-ups from Redis: apalis-redis keeps every acknowledged
+/// task (its data, its metadata and its id in the done set) forever.
+const VACUUM: &str = r#"
+local deleted = 0
+for _, id in ipairs(redis.call("SRANDMEMBER", KEYS[3], tonumber(ARGV[1]))) do
+  redis.call("HDEL", KEYS[1], id)
+  redis.call("HDEL", KEYS[2] .. ":result", id)
+  redis.call("DEL", KEYS[2] .. ":" .. id)
+  redis.call("SREM", KEYS[3], id)
+  deleted = deleted + 1
+end
+return deleted
+"#;
+
+impl DispatchQueue {
+    /// Removes up to `batch` finished wake-ups; returns how many.
+    pub async fn vacuum(&self, batch: usize) -> Result<usize, QueueError> {
+        let DispatchQueue::Redis { storage, .. } = self else { return Ok(0) };
+        let mut storage = (**storage).clone();
+        let config = storage.get_config().clone();
+        let mut conn = storage.get_connection().clone();
+        redis::Script::new(VACUUM)
+            .key(config.job_data_hash())
+            .key(config.job_meta_hash())
+            .key(config.done_jobs_set())
+            .arg(batch)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| QueueError::Redis(e.to_string()))
     }
 }

@@ -22,6 +22,11 @@ pub async fn run(ctx: Arc<WorkerCtx>, mut shutdown: watch::Receiver<bool>) {
         }
         sweep(&ctx).await;
         forget_ended_ray_jobs(&ctx).await;
+        match ctx.queue.vacuum(500).await {
+            Ok(n) if n > 0 => tracing::debug!(count = n, "finished wake-ups removed from the queue"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "queue vacuum failed; retrying"),
+        }
     }
 }
 

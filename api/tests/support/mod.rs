@@ -290,6 +290,22 @@ impl TestGateway {
         limiter.leases_total().await.expect("leases")
     }
 
+    /// Wake-ups still held by the queue: (task data entries, in-flight
+    /// entries over all workers). Both return to 0 once jobs are done.
+    pub async fn queue_residue(&self) -> (usize, usize) {
+        let client = redis::Client::open(self.redis_url.as_str()).expect("redis URL");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+        let queue = format!("{}:dispatch", self.prefix);
+        let data: usize = redis::cmd("HLEN").arg(format!("{queue}:data")).query_async(&mut conn).await.unwrap_or(0);
+        let sets: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{queue}:inflight:*")).query_async(&mut conn).await.unwrap_or_default();
+        let mut inflight = 0;
+        for set in sets {
+            inflight += redis::cmd("SCARD").arg(set).query_async::<usize>(&mut conn).await.unwrap_or(0);
+        }
+        (data, inflight)
+    }
+
     pub async fn shutdown(mut self) {
         for w in self.workers.drain(..) {
             let _ = w.stop.send(());
