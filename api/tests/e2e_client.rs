@@ -21,6 +21,7 @@ async fn current_client_runs_fails_stops_and_lists() {
     let failer_logs = out["failer_logs"].as_str().unwrap();
     assert!(failer_logs.contains("Traceback") && failer_logs.contains("ValueError: boom from the function"), "{failer_logs}");
     assert!(out["failer_raised"].is_string(), "result() of a failed job raises: {out}");
+    assert!(failer_logs.contains("[gateway] error: Job entrypoint command failed with exit code 1"), "{failer_logs}");
 
     assert_eq!(out["sleeper_before_stop"], "RUNNING");
     assert_eq!(out["stop_message"], "Job has been stopped.");

@@ -107,6 +107,7 @@ async fn newcomer_runs_the_real_client_against_the_embedded_gateway() {
     assert!(out["adder_logs"].as_str().unwrap().contains("adding 2 and 40"), "{out}");
     assert_eq!(out["failer_status"], "ERROR");
     assert!(out["failer_logs"].as_str().unwrap().contains("ValueError: boom from the function"), "{out}");
+    assert!(out["failer_logs"].as_str().unwrap().contains("[gateway] error: The function exited with code 1."), "{out}");
     assert_eq!(out["sleeper_before_stop"], "RUNNING");
     assert_eq!(out["sleeper_status"], "CANCELED");
     assert!(out["sleeper_logs"].as_str().unwrap().contains("sleeping now"), "{out}");

@@ -184,9 +184,19 @@ async fn finish(ctx: &WorkerCtx, job: &TrackedJob, status: JobStatus, reason: Op
         },
         Err(_) => None,
     };
+    // The reason a job failed is stated at the end of its logs, where the
+    // client looks (it quotes lines with "error" when a job ends in ERROR).
     let logs = match (logs, &reason) {
-        (Some(l), Some(r)) if status == JobStatus::Failed && l.trim().is_empty() => Some(r.clone()),
-        (l, _) => l,
+        (logs, Some(r)) if status == JobStatus::Failed => {
+            let first_line: String = r.lines().next().unwrap_or_default().chars().take(500).collect();
+            let mut text = logs.unwrap_or_default();
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&format!("[gateway] error: {first_line}\n"));
+            Some(text)
+        }
+        (logs, _) => logs,
     };
     let result_path = jobenv::results_file(&ctx.config.data_dir, &job.username, job.id);
     let result_from_file = read_result(&result_path).await;
