@@ -15,6 +15,9 @@ use shared::storage::{SqliteStore, Store};
 use crate::startup::{Application, Services};
 
 pub struct Embedded {
+    /// Held for the life of the process: one embedded gateway per data dir
+    /// (a second one would run its own limits and dispatch over the same jobs).
+    pub lock: std::fs::File,
     pub app: Application,
     pub worker: worker::Backends,
     pub config: Config,
@@ -45,6 +48,19 @@ fn kept_secret(path: &Path) -> anyhow::Result<String> {
 pub async fn start(mut config: Config) -> anyhow::Result<Embedded> {
     let data = config.data_dir.clone();
     std::fs::create_dir_all(&data).with_context(|| format!("creating the data dir {}", data.display()))?;
+    let lock_path = data.join("gateway.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another embedded gateway is using the data dir {}; stop it or choose another GATEWAY_DATA_DIR",
+            data.display()
+        );
+    }
     let mut generated_token = None;
     if config.generate_token {
         let token = kept_secret(&data.join("token"))?;
@@ -64,7 +80,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Embedded> {
     let app = Application::build_with(config.clone(), Services { store: store.clone(), queue: queue.clone(), redis: None })
         .await?;
     let worker = worker::Backends { store, limiter: Limiter::local(), queue, feed: worker::Feed::Local(rx), secrets };
-    Ok(Embedded { app, worker, config, generated_token })
+    Ok(Embedded { lock, app, worker, config, generated_token })
 }
 
 /// The lines a newcomer needs, printed once at start.

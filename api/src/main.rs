@@ -34,7 +34,7 @@ async fn run_distributed(config: Config) -> anyhow::Result<()> {
 async fn run_embedded(config: Config) -> anyhow::Result<()> {
     let embedded = api::embedded::start(config).await?;
     println!("{}", api::embedded::banner(&embedded));
-    let api::embedded::Embedded { app, worker, config, .. } = embedded;
+    let api::embedded::Embedded { lock: _lock, app, worker, config, .. } = embedded;
     let (stop_tx, stop_rx) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

@@ -193,3 +193,19 @@ async fn the_embedded_gateway_submits_to_a_ray_head_when_one_is_named() {
     assert_eq!(on_ray["status"], "SUCCEEDED", "{on_ray}");
     assert!(!data.path().join("jobs").join(adder).exists(), "no local process was used");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_embedded_gateway_per_data_dir() {
+    let data = tempfile::tempdir().unwrap();
+    let _first = start(data.path(), free_port(), &[]);
+    let second = Command::new(support::binary("gateway-api"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("GATEWAY_DATA_DIR", data.path())
+        .env("GATEWAY_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .expect("run a second gateway");
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another embedded gateway is using the data dir"), "{stderr}");
+}

@@ -353,12 +353,8 @@ fn parse_num<T: std::str::FromStr>(
 }
 
 fn absolute(path: PathBuf) -> Result<PathBuf, String> {
-    if path.is_absolute() {
-        return Ok(path);
-    }
-    std::env::current_dir()
-        .map(|cwd| cwd.join(path))
-        .map_err(|e| format!("cannot resolve the current directory: {e}"))
+    // Also drops `.` components: `./data` is shown as `<cwd>/data`.
+    std::path::absolute(&path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))
 }
 
 fn url_escape(s: &str) -> String {
