@@ -630,6 +630,14 @@ async fn result_post_form_string() {
     assert_eq!(status, 200, "{body}");
     let (_, body) = gw.get(TOKEN, &format!("jobs/{id}/result/")).await;
     assert_eq!(body, json!({"result": "\"plain\""}));
+    // Once the job has ended its result is final.
+    let (status, _) = gw.post_json(TOKEN, &format!("jobs/{id}/stop/"), &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = send(http.post(&url).bearer_auth(TOKEN).urlencoded(&[("result", "late")])).await;
+    assert_eq!(status, 403, "{body}");
+    assert_message(&body);
+    let (_, body) = gw.get(TOKEN, &format!("jobs/{id}/result/")).await;
+    assert_eq!(body, json!({"result": "\"plain\""}));
     gw.shutdown().await;
 }
 

@@ -56,7 +56,9 @@ pub struct Backends {
 /// Runs one distributed worker process until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let Backend::Distributed { database_url, redis_url } = config.backend.clone() else {
-        anyhow::bail!("gateway-worker needs DATABASE_URL and REDIS_URL");
+        anyhow::bail!(
+            "configuration error: gateway-worker needs a database (DATABASE_URL or DATABASE_HOST) and REDIS_URL; the embedded gateway runs its worker inside gateway-api"
+        );
     };
     let store = Store::Postgres(PgStore::connect(&database_url, 8).await.context("connecting to Postgres")?);
     wait_for_schema(&store).await;

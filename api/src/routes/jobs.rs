@@ -215,6 +215,14 @@ impl JobsApi {
         if text.len() > state.config.max_arguments_bytes * 16 {
             return Err(ApiError::PayloadTooLarge("The result is too large.".into()));
         }
+        // A finished job's result is final (the function posts it before it exits).
+        let current = load(&state, caller, &id.to_string()).await?;
+        if current.job.status.is_terminal() {
+            return Err(ApiError::Forbidden(format!(
+                "Job [{id}] has ended ({}); its result can no longer change.",
+                current.job.status
+            )));
+        }
         if !state.store.save_posted_result(caller.user.id, id, &text).await? {
             return Err(ApiError::job_not_found(id));
         }
