@@ -73,6 +73,7 @@ impl Application {
         let auth = Authenticator::from_config(&config.auth).map_err(anyhow::Error::msg)?;
         let site_host = config.site_host_or(addr);
         let secrets = SecretBox::from_config(config.secret_key.as_deref());
+        services.store.check_secret_key(&secrets).await?;
         let Services { store, queue, redis } = services;
         let state = Arc::new(AppState::new(Arc::new(config), store, queue, redis, secrets, auth, site_host));
         Ok(Application { addr, state, acceptor })

@@ -966,3 +966,23 @@ async fn a_new_entrypoint_without_an_artifact_must_be_in_the_stored_one() {
     assert_eq!(body["entrypoint"], "other.py");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn processes_with_another_secret_key_refuse_to_start() {
+    let gw = gateway().await;
+    let mut vars = gw.vars.clone();
+    vars.insert("GATEWAY_SECRET_KEY".into(), "another-key".into());
+    let config = || shared::config::Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let api = api::startup::Application::build(config()).await;
+    let err = api.err().expect("an API with another key must not start").to_string();
+    assert!(err.contains("GATEWAY_SECRET_KEY is not the key"), "{err}");
+    let worker = tokio::time::timeout(std::time::Duration::from_secs(30), worker::run(config(), std::future::pending()))
+        .await
+        .expect("the worker gives up at once");
+    let err = worker.expect_err("a worker with another key must not start").to_string();
+    assert!(err.contains("GATEWAY_SECRET_KEY is not the key"), "{err}");
+    // The right key still starts.
+    let same = gw.vars.clone();
+    assert!(api::startup::Application::build(shared::config::Config::from_lookup(|k| same.get(k).cloned()).unwrap()).await.is_ok());
+    gw.shutdown().await;
+}

@@ -80,6 +80,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let Backends { store, limiter, queue, feed, secrets } = backends;
+    store.check_secret_key(&secrets).await?;
     // The embedded gateway has exactly one worker: a stable name lets it
     // take back its running jobs at once after a restart instead of waiting
     // for its own old tracking leases to run out.

@@ -286,4 +286,38 @@ forward! {
     /// Ended Ray jobs (id, Ray host) still held by Ray `older_than` after they ended.
     pub async fn ray_jobs_to_forget(&self, older_than: std::time::Duration, limit: i64) -> StorageResult<Vec<(Uuid, String)>>;
     pub async fn mark_ray_forgotten(&self, id: Uuid) -> StorageResult<()>;
+    pub async fn setting(&self, key: &str) -> StorageResult<Option<Vec<u8>>>;
+    /// Stores the value unless the key has one already.
+    pub async fn insert_setting(&self, key: &str, value: &[u8]) -> StorageResult<()>;
+}
+
+const KEY_CHECK: &str = "secret_key_check";
+const KEY_CHECK_PLAIN: &[u8] = b"qs-gateway: this deployment's GATEWAY_SECRET_KEY";
+
+impl Store {
+    /// Proves this process has the deployment's secret key: the first
+    /// process seals a known value, every later one must open it. A process
+    /// with another key would fail every job it touches, so it must not start.
+    pub async fn check_secret_key(&self, secrets: &crate::secrets::SecretBox) -> Result<(), KeyCheckError> {
+        if self.setting(KEY_CHECK).await?.is_none() {
+            let sealed = secrets.seal(KEY_CHECK_PLAIN).map_err(|_| KeyCheckError::Mismatch)?;
+            self.insert_setting(KEY_CHECK, &sealed).await?;
+        }
+        // Read back: of two first starters, only one value was kept.
+        let stored = self.setting(KEY_CHECK).await?.ok_or(KeyCheckError::Mismatch)?;
+        match secrets.open(&stored) {
+            Ok(plain) if plain == KEY_CHECK_PLAIN => Ok(()),
+            _ => Err(KeyCheckError::Mismatch),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyCheckError {
+    #[error(
+        "GATEWAY_SECRET_KEY is not the key this database was set up with: every API and worker process needs the same key (jobs queued under another key cannot be opened)"
+    )]
+    Mismatch,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }

@@ -798,6 +798,20 @@ impl PgStore {
         Ok(())
     }
 
+    pub async fn setting(&self, key: &str) -> StorageResult<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = $1").bind(key).fetch_optional(&self.pool).await?)
+    }
+
+    /// Stores the value unless the key has one already.
+    pub async fn insert_setting(&self, key: &str, value: &[u8]) -> StorageResult<()> {
+        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// PENDING/RUNNING jobs of every user, for rebuilding slot leases.
     pub async fn running_jobs(&self) -> StorageResult<Vec<(Uuid, String)>> {
         let rows = sqlx::query(

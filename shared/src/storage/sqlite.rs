@@ -1009,6 +1009,20 @@ impl SqliteStore {
         rows.iter().map(|r| Ok(Candidate { job_id: uuid_of(r, "id")? })).collect()
     }
 
+    pub async fn setting(&self, key: &str) -> StorageResult<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = ?1").bind(key).fetch_optional(&self.pool).await?)
+    }
+
+    /// Stores the value unless the key has one already.
+    pub async fn insert_setting(&self, key: &str, value: &[u8]) -> StorageResult<()> {
+        sqlx::query("INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
     /// Ended Ray jobs still held by Ray `older_than` after they ended.
     pub async fn ray_jobs_to_forget(&self, older_than: Duration, limit: i64) -> StorageResult<Vec<(Uuid, String)>> {
         let rows = sqlx::query(
