@@ -21,8 +21,12 @@ pub enum Authenticator {
 impl Authenticator {
     pub fn from_config(mechanism: &AuthMechanism) -> Result<Self, String> {
         match mechanism {
-            AuthMechanism::MockToken { tokens } => Ok(Authenticator::Mock { tokens: tokens.clone() }),
-            other => Err(format!("authentication mechanism {other:?} is not available")),
+            AuthMechanism::MockToken { tokens } => Ok(Authenticator::Mock {
+                tokens: tokens.clone(),
+            }),
+            other => Err(format!(
+                "authentication mechanism {other:?} is not available"
+            )),
         }
     }
 
@@ -45,21 +49,33 @@ pub struct Caller {
 
 impl std::fmt::Debug for Caller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Caller").field("user", &self.user.username).finish_non_exhaustive()
+        f.debug_struct("Caller")
+            .field("user", &self.user.username)
+            .finish_non_exhaustive()
     }
 }
 
 /// `Authorization: Bearer <token>`. Like the original, the last word of the
 /// header is the token, so any scheme word works.
 #[derive(SecurityScheme)]
-#[oai(ty = "api_key", key_name = "Authorization", key_in = "header", checker = "check")]
+#[oai(
+    ty = "api_key",
+    key_name = "Authorization",
+    key_in = "header",
+    checker = "check"
+)]
 pub struct Auth(pub Caller);
 
 async fn check(req: &Request, key: ApiKey) -> poem::Result<Caller> {
     let state = req
         .data::<Arc<AppState>>()
         .ok_or_else(|| ApiError::Internal("application state missing".into()))?;
-    let token = key.key.split_whitespace().last().unwrap_or_default().to_string();
+    let token = key
+        .key
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_string();
     if token.is_empty() {
         return Err(ApiError::Unauthorized("Authorization token was not provided.".into()).into());
     }
@@ -67,7 +83,11 @@ async fn check(req: &Request, key: ApiKey) -> poem::Result<Caller> {
         return Err(ApiError::Unauthorized("Invalid token.".into()).into());
     };
     let user = state.user(&username).await.map_err(ApiError::from)?;
-    let header = |name: &str| req.header(name).map(str::to_string).filter(|v| !v.is_empty());
+    let header = |name: &str| {
+        req.header(name)
+            .map(str::to_string)
+            .filter(|v| !v.is_empty())
+    };
     Ok(Caller {
         user,
         token,

@@ -40,14 +40,17 @@ fn kept_secret(path: &Path) -> anyhow::Result<String> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     std::io::Write::write_all(&mut file, value.as_bytes())?;
     Ok(value)
 }
 
 pub async fn start(mut config: Config) -> anyhow::Result<Embedded> {
     let data = config.data_dir.clone();
-    std::fs::create_dir_all(&data).with_context(|| format!("creating the data dir {}", data.display()))?;
+    std::fs::create_dir_all(&data)
+        .with_context(|| format!("creating the data dir {}", data.display()))?;
     let lock_path = data.join("gateway.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -72,21 +75,45 @@ pub async fn start(mut config: Config) -> anyhow::Result<Embedded> {
     if config.secret_key.is_none() {
         config.secret_key = Some(kept_secret(&data.join("secret_key"))?);
     }
-    let sqlite = SqliteStore::connect(&data.join("gateway.db")).await.context("opening the SQLite database")?;
+    let sqlite = SqliteStore::connect(&data.join("gateway.db"))
+        .await
+        .context("opening the SQLite database")?;
     let store = Store::Sqlite(sqlite);
     store.migrate().await.context("applying migrations")?;
     let (queue, rx) = DispatchQueue::local();
     let secrets = SecretBox::from_config(config.secret_key.as_deref());
-    let app = Application::build_with(config.clone(), Services { store: store.clone(), queue: queue.clone(), redis: None })
-        .await?;
-    let worker = worker::Backends { store, limiter: Limiter::local(), queue, feed: worker::Feed::Local(rx), secrets };
-    Ok(Embedded { lock, app, worker, config, generated_token })
+    let app = Application::build_with(
+        config.clone(),
+        Services {
+            store: store.clone(),
+            queue: queue.clone(),
+            redis: None,
+        },
+    )
+    .await?;
+    let worker = worker::Backends {
+        store,
+        limiter: Limiter::local(),
+        queue,
+        feed: worker::Feed::Local(rx),
+        secrets,
+    };
+    Ok(Embedded {
+        lock,
+        app,
+        worker,
+        config,
+        generated_token,
+    })
 }
 
 /// The lines a newcomer needs, printed once at start.
 pub fn banner(e: &Embedded) -> String {
     let url = format!("http://{}", e.app.addr());
-    let token = e.generated_token.clone().unwrap_or_else(|| "<your SETTINGS_AUTH_MOCK_TOKEN>".into());
+    let token = e
+        .generated_token
+        .clone()
+        .unwrap_or_else(|| "<your SETTINGS_AUTH_MOCK_TOKEN>".into());
     let runner = match e.config.runner {
         RunnerKind::LocalProcess => format!("local processes ({})", e.config.python),
         RunnerKind::Ray => format!("the Ray head at {}", e.config.ray.local_host),

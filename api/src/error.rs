@@ -81,7 +81,10 @@ pub fn json_error(status: StatusCode, text: &str) -> Response {
     };
     let mut resp = poem::web::Json(body).with_status(status).into_response();
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert("WWW-Authenticate", poem::http::HeaderValue::from_static("Bearer"));
+        resp.headers_mut().insert(
+            "WWW-Authenticate",
+            poem::http::HeaderValue::from_static("Bearer"),
+        );
     }
     resp
 }

@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gateway-api: {e:#}");
+            eprintln!("gateway-api: {}", shared::describe_error(e.as_ref()));
             ExitCode::from(1)
         }
     }
@@ -34,7 +34,13 @@ async fn run_distributed(config: Config) -> anyhow::Result<()> {
 async fn run_embedded(config: Config) -> anyhow::Result<()> {
     let embedded = api::embedded::start(config).await?;
     println!("{}", api::embedded::banner(&embedded));
-    let api::embedded::Embedded { lock: _lock, app, worker, config, .. } = embedded;
+    let api::embedded::Embedded {
+        lock: _lock,
+        app,
+        worker,
+        config,
+        ..
+    } = embedded;
     let (stop_tx, stop_rx) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use apalis_redis::ConnectionManager;
 use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::middleware::{NormalizePath, TrailingSlash};
 use poem::{Endpoint, EndpointExt, IntoResponse, Route, get};
@@ -12,7 +13,6 @@ use poem_openapi::OpenApiService;
 use shared::config::{Backend, Config};
 use shared::queue::DispatchQueue;
 use shared::secrets::SecretBox;
-use apalis_redis::ConnectionManager;
 use shared::storage::{PgStore, Store};
 
 use crate::auth::Authenticator;
@@ -21,9 +21,15 @@ use crate::routes::{health, jobs::JobsApi, programs::ProgramsApi};
 use crate::state::AppState;
 
 pub fn openapi_service(version: &str) -> OpenApiService<(ProgramsApi, JobsApi), ()> {
-    OpenApiService::new((ProgramsApi, JobsApi), "Quantum Serverless Gateway", version)
-        .description("Runs users' Python functions as jobs on Ray; the Qiskit Serverless HTTP contract.")
-        .server("/api/v1")
+    OpenApiService::new(
+        (ProgramsApi, JobsApi),
+        "Quantum Serverless Gateway",
+        version,
+    )
+    .description(
+        "Runs users' Python functions as jobs on Ray; the Qiskit Serverless HTTP contract.",
+    )
+    .server("/api/v1")
 }
 
 /// The committed `openapi/openapi.json` is this document.
@@ -49,14 +55,39 @@ impl Application {
     /// The API applies migrations itself; sqlx serialises concurrent
     /// replicas with an advisory lock.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let Backend::Distributed { database_url, redis_url } = &config.backend else {
+        let Backend::Distributed {
+            database_url,
+            redis_url,
+        } = &config.backend
+        else {
             anyhow::bail!("no database configured: use the embedded gateway (api::embedded)");
         };
-        let store = Store::Postgres(PgStore::connect(database_url, 16).await.context("connecting to Postgres")?);
+        let store =
+            Store::Postgres(PgStore::connect(database_url, 16).await.with_context(|| {
+                format!(
+                    "connecting to Postgres at {}",
+                    shared::config::redact_url(&database_url)
+                )
+            })?);
         store.migrate().await.context("applying migrations")?;
-        let redis = apalis_redis::connect(redis_url.as_str()).await.context("connecting to Redis")?;
+        let redis = apalis_redis::connect(redis_url.as_str())
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to Redis at {}",
+                    shared::config::redact_url(&redis_url)
+                )
+            })?;
         let queue = DispatchQueue::new(redis.clone(), &config.redis_prefix, &config.worker);
-        Self::build_with(config, Services { store, queue, redis: Some(redis) }).await
+        Self::build_with(
+            config,
+            Services {
+                store,
+                queue,
+                redis: Some(redis),
+            },
+        )
+        .await
     }
 
     /// Binds and assembles the application around ready services.
@@ -74,9 +105,25 @@ impl Application {
         let site_host = config.site_host_or(addr);
         let secrets = SecretBox::from_config(config.secret_key.as_deref());
         services.store.check_secret_key(&secrets).await?;
-        let Services { store, queue, redis } = services;
-        let state = Arc::new(AppState::new(Arc::new(config), store, queue, redis, secrets, auth, site_host));
-        Ok(Application { addr, state, acceptor })
+        let Services {
+            store,
+            queue,
+            redis,
+        } = services;
+        let state = Arc::new(AppState::new(
+            Arc::new(config),
+            store,
+            queue,
+            redis,
+            secrets,
+            auth,
+            site_host,
+        ));
+        Ok(Application {
+            addr,
+            state,
+            acceptor,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -88,7 +135,10 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight requests.
-    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send) -> std::io::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
         let app = routes(self.state.clone());
         poem::Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(app, shutdown, Some(std::time::Duration::from_secs(10)))
@@ -118,9 +168,14 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
         .around(move |ep, req| async move {
             // Refuse an oversized body before reading it (uploads are capped
             // again, exactly, as they are parsed).
-            let declared = req.header("content-length").and_then(|v| v.parse::<usize>().ok());
+            let declared = req
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok());
             if declared.is_some_and(|len| len > body_limit) {
-                return Err(error::ApiError::PayloadTooLarge("The request body is too large.".into()).into());
+                return Err(error::ApiError::PayloadTooLarge(
+                    "The request body is too large.".into(),
+                )
+                .into());
             }
             ep.call(req).await.map(IntoResponse::into_response)
         })

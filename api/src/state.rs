@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use apalis_redis::ConnectionManager;
-use shared::local_runner::LocalRunner;
 use shared::artifact::ArtifactLimits;
 use shared::config::Config;
+use shared::local_runner::LocalRunner;
 use shared::queue::DispatchQueue;
 use shared::secrets::SecretBox;
 use shared::storage::{StorageResult, Store, User};
@@ -41,7 +41,10 @@ impl AppState {
         auth: Authenticator,
         site_host: String,
     ) -> Self {
-        let artifact_limits = ArtifactLimits { max_bytes: config.max_artifact_bytes, ..ArtifactLimits::default() };
+        let artifact_limits = ArtifactLimits {
+            max_bytes: config.max_artifact_bytes,
+            ..ArtifactLimits::default()
+        };
         AppState {
             config,
             store,
@@ -64,7 +67,10 @@ impl AppState {
         if let Ok(cache) = self.users.read()
             && let Some(id) = cache.get(username)
         {
-            return Ok(User { id: *id, username: username.to_string() });
+            return Ok(User {
+                id: *id,
+                username: username.to_string(),
+            });
         }
         let user = self.store.ensure_user(username).await?;
         if let Ok(mut cache) = self.users.write() {

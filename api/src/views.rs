@@ -71,8 +71,10 @@ pub struct ProgramUploadView {
 
 impl ProgramUploadView {
     pub fn new(p: &Program, env_var_names: &[String]) -> Self {
-        let masked: serde_json::Map<String, Value> =
-            env_var_names.iter().map(|k| (k.clone(), Value::String("***".into()))).collect();
+        let masked: serde_json::Map<String, Value> = env_var_names
+            .iter()
+            .map(|k| (k.clone(), Value::String("***".into())))
+            .collect();
         ProgramUploadView {
             title: p.title.clone(),
             entrypoint: p.entrypoint.clone(),
@@ -191,7 +193,9 @@ fn with_provider(mut obj: serde_json::Map<String, Value>, provider: &Option<Stri
 
 /// `{id, title, provider?}`
 pub fn program_ref(p: &Program) -> Value {
-    let Value::Object(obj) = json!({ "id": p.id.to_string(), "title": p.title }) else { unreachable!() };
+    let Value::Object(obj) = json!({ "id": p.id.to_string(), "title": p.title }) else {
+        unreachable!()
+    };
     with_provider(obj, &p.provider)
 }
 

@@ -21,7 +21,11 @@ async fn send(req: reqwest::RequestBuilder) -> (u16, reqwest::header::HeaderMap,
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let text = resp.text().await.unwrap_or_default();
-    let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
     (status, headers, body)
 }
 
@@ -36,7 +40,8 @@ impl Urlencoded for reqwest::RequestBuilder {
         let mut url = reqwest::Url::parse("http://x/").expect("url");
         url.query_pairs_mut().extend_pairs(pairs);
         let body = url.query().unwrap_or_default().to_string();
-        self.header("Content-Type", "application/x-www-form-urlencoded").body(body)
+        self.header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body)
     }
 }
 
@@ -50,7 +55,9 @@ async fn count(gw: &TestGateway, table: &str) -> i64 {
 /// An error body of the contract: a JSON object with a non-empty `message`.
 #[track_caller]
 fn assert_message(body: &Value) -> &str {
-    let message = body["message"].as_str().unwrap_or_else(|| panic!("JSON error body with `message`, got {body}"));
+    let message = body["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("JSON error body with `message`, got {body}"));
     assert!(!message.is_empty(), "empty message: {body}");
     message
 }
@@ -68,7 +75,9 @@ fn raw_tar(files: &[(&str, &str)]) -> Vec<u8> {
         header.set_mode(0o644);
         header.set_entry_type(tar::EntryType::Regular);
         header.set_cksum();
-        builder.append(&header, content.as_bytes()).expect("tar entry");
+        builder
+            .append(&header, content.as_bytes())
+            .expect("tar entry");
     }
     builder.into_inner().expect("tar")
 }
@@ -79,7 +88,10 @@ fn upload_form(title: &str, entrypoint: &str, tar: Vec<u8>, file_name: &str) -> 
         .text("entrypoint", entrypoint.to_string())
         .text("dependencies", "[]")
         .text("env_vars", "{}")
-        .part("artifact", Part::bytes(tar).file_name(file_name.to_string()))
+        .part(
+            "artifact",
+            Part::bytes(tar).file_name(file_name.to_string()),
+        )
 }
 
 fn run_body(title: &str, arguments: &str) -> Value {
@@ -106,7 +118,8 @@ fn is_uuid(v: &Value) -> bool {
 }
 
 fn is_timestamp(v: &Value) -> bool {
-    v.as_str().is_some_and(|s| s.ends_with('Z') && chrono::DateTime::parse_from_rfc3339(s).is_ok())
+    v.as_str()
+        .is_some_and(|s| s.ends_with('Z') && chrono::DateTime::parse_from_rfc3339(s).is_ok())
 }
 
 // ---- authentication -------------------------------------------------------
@@ -116,9 +129,16 @@ async fn auth_missing_header_is_401_detail() {
     let gw = gateway().await;
     let (status, headers, body) = send(reqwest::Client::new().get(gw.api("programs/"))).await;
     assert_eq!(status, 401, "{body}");
-    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "DRF shape {{\"detail\": ...}}: {body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "DRF shape {{\"detail\": ...}}: {body}"
+    );
     assert!(body.get("message").is_none(), "{body}");
-    let www = headers.get("www-authenticate").expect("WWW-Authenticate header").to_str().unwrap();
+    let www = headers
+        .get("www-authenticate")
+        .expect("WWW-Authenticate header")
+        .to_str()
+        .unwrap();
     assert!(www.starts_with("Bearer"), "{www}");
     gw.shutdown().await;
 }
@@ -126,9 +146,17 @@ async fn auth_missing_header_is_401_detail() {
 #[tokio::test]
 async fn auth_wrong_token_is_401() {
     let gw = gateway().await;
-    let (status, headers, body) = send(reqwest::Client::new().get(gw.api("programs/")).bearer_auth("nope")).await;
+    let (status, headers, body) = send(
+        reqwest::Client::new()
+            .get(gw.api("programs/"))
+            .bearer_auth("nope"),
+    )
+    .await;
     assert_eq!(status, 401, "{body}");
-    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
     assert!(headers.contains_key("www-authenticate"));
     // Nothing is created for an unknown caller.
     assert_eq!(count(&gw, "users").await, 0);
@@ -139,19 +167,30 @@ async fn auth_wrong_token_is_401() {
 async fn auth_any_scheme_word_and_client_headers() {
     let gw = gateway().await;
     let http = reqwest::Client::new();
-    let (status, _, body) = send(http.get(gw.api("programs/")).header("Authorization", format!("Token {TOKEN}"))).await;
+    let (status, _, body) = send(
+        http.get(gw.api("programs/"))
+            .header("Authorization", format!("Token {TOKEN}")),
+    )
+    .await;
     assert_eq!((status, &body), (200, &json!([])));
     // What the current client sends with channel="local" and an instance.
     let (status, _, body) = send(
         http.get(gw.api("programs/"))
             .bearer_auth(TOKEN)
             .header("Service-Channel", "local")
-            .header("Service-CRN", "crn:v1:bluemix:public:quantum-computing:us-east:a/x::"),
+            .header(
+                "Service-CRN",
+                "crn:v1:bluemix:public:quantum-computing:us-east:a/x::",
+            ),
     )
     .await;
     assert_eq!((status, &body), (200, &json!([])));
-    let (status, _, body) =
-        send(http.get(gw.api("programs/")).bearer_auth(TOKEN).header("Service-Channel", "ibm_quantum_platform")).await;
+    let (status, _, body) = send(
+        http.get(gw.api("programs/"))
+            .bearer_auth(TOKEN)
+            .header("Service-Channel", "ibm_quantum_platform"),
+    )
+    .await;
     assert_eq!((status, &body), (200, &json!([])));
     gw.shutdown().await;
 }
@@ -179,17 +218,34 @@ async fn probes_version_openapi_and_docs() {
     assert_eq!((status, &body), (200, &json!({"status": "ready"})));
     let (status, _, body) = send(http.get(format!("{}/version/", gw.url))).await;
     assert_eq!(status, 200, "{body}");
-    assert!(body["version"].as_str().is_some_and(|v| !v.is_empty()), "{body}");
+    assert!(
+        body["version"].as_str().is_some_and(|v| !v.is_empty()),
+        "{body}"
+    );
 
     let (status, _, body) = send(http.get(format!("{}/openapi.json", gw.url))).await;
     assert_eq!(status, 200);
-    let paths = body["paths"].as_object().unwrap_or_else(|| panic!("an OpenAPI document with paths: {body}"));
-    assert!(paths.keys().any(|p| p.contains("programs")), "{:?}", paths.keys());
-    assert!(paths.keys().any(|p| p.contains("jobs")), "{:?}", paths.keys());
+    let paths = body["paths"]
+        .as_object()
+        .unwrap_or_else(|| panic!("an OpenAPI document with paths: {body}"));
+    assert!(
+        paths.keys().any(|p| p.contains("programs")),
+        "{:?}",
+        paths.keys()
+    );
+    assert!(
+        paths.keys().any(|p| p.contains("jobs")),
+        "{:?}",
+        paths.keys()
+    );
 
     let resp = http.get(format!("{}/docs/", gw.url)).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    let ctype = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
     assert!(ctype.starts_with("text/html"), "{ctype}");
     let html = resp.text().await.unwrap();
     assert!(html.to_ascii_lowercase().contains("<html"), "{html}");
@@ -201,7 +257,13 @@ async fn probes_version_openapi_and_docs() {
 #[tokio::test]
 async fn upload_valid_tar() {
     let gw = gateway().await;
-    let form = upload_form("hello", "main.py", tar_of(&[("main.py", MAIN)]), "artifact.tar").text("description", "first");
+    let form = upload_form(
+        "hello",
+        "main.py",
+        tar_of(&[("main.py", MAIN)]),
+        "artifact.tar",
+    )
+    .text("description", "first");
     let (status, body) = gw.post_form(TOKEN, "programs/upload/", form).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["title"], "hello");
@@ -209,8 +271,14 @@ async fn upload_valid_tar() {
     assert_eq!(body["description"], "first");
     assert_eq!(body["dependencies"], "[]", "a JSON-encoded string");
     assert!(body["env_vars"].is_string(), "{body}");
-    assert!(body.get("provider").is_some_and(Value::is_null), "upload shows provider: null: {body}");
-    assert!(body.get("id").is_none(), "the upload answer has no id: {body}");
+    assert!(
+        body.get("provider").is_some_and(Value::is_null),
+        "upload shows provider: null: {body}"
+    );
+    assert!(
+        body.get("id").is_none(),
+        "the upload answer has no id: {body}"
+    );
     assert_eq!(count(&gw, "programs").await, 1);
     gw.shutdown().await;
 }
@@ -219,11 +287,21 @@ async fn upload_valid_tar() {
 async fn upload_upserts_by_title() {
     let gw = gateway().await;
     let tar = || tar_of(&[("main.py", MAIN), ("other.py", MAIN)]);
-    let (status, body) =
-        gw.post_form(TOKEN, "programs/upload/", upload_form("f", "main.py", tar(), "a.tar").text("description", "one")).await;
+    let (status, body) = gw
+        .post_form(
+            TOKEN,
+            "programs/upload/",
+            upload_form("f", "main.py", tar(), "a.tar").text("description", "one"),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) =
-        gw.post_form(TOKEN, "programs/upload/", upload_form("f", "other.py", tar(), "a.tar").text("description", "two")).await;
+    let (status, body) = gw
+        .post_form(
+            TOKEN,
+            "programs/upload/",
+            upload_form("f", "other.py", tar(), "a.tar").text("description", "two"),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["entrypoint"], "other.py");
     assert_eq!(body["description"], "two");
@@ -247,15 +325,26 @@ async fn rejected_upload(gw: &TestGateway, form: Form, expected: u16) -> String 
     let (status, body) = gw.post_form(TOKEN, "programs/upload/", form).await;
     assert_eq!(status, expected, "{body}");
     let message = assert_message(&body).to_string();
-    assert_eq!(count(gw, "programs").await, programs, "no program stored after: {message}");
-    assert_eq!(count(gw, "artifacts").await, artifacts, "no artifact stored after: {message}");
+    assert_eq!(
+        count(gw, "programs").await,
+        programs,
+        "no program stored after: {message}"
+    );
+    assert_eq!(
+        count(gw, "artifacts").await,
+        artifacts,
+        "no artifact stored after: {message}"
+    );
     message
 }
 
 #[tokio::test]
 async fn upload_without_artifact_on_create_is_400() {
     let gw = gateway().await;
-    let form = Form::new().text("title", "f").text("entrypoint", "main.py").text("dependencies", "[]");
+    let form = Form::new()
+        .text("title", "f")
+        .text("entrypoint", "main.py")
+        .text("dependencies", "[]");
     rejected_upload(&gw, form, 400).await;
     gw.shutdown().await;
 }
@@ -263,7 +352,12 @@ async fn upload_without_artifact_on_create_is_400() {
 #[tokio::test]
 async fn upload_non_tar_name_is_400() {
     let gw = gateway().await;
-    rejected_upload(&gw, upload_form("f", "main.py", tar_of(&[("main.py", MAIN)]), "artifact.zip"), 400).await;
+    rejected_upload(
+        &gw,
+        upload_form("f", "main.py", tar_of(&[("main.py", MAIN)]), "artifact.zip"),
+        400,
+    )
+    .await;
     gw.shutdown().await;
 }
 
@@ -286,7 +380,12 @@ async fn upload_absolute_member_is_400() {
 #[tokio::test]
 async fn upload_entrypoint_missing_from_tar_is_400() {
     let gw = gateway().await;
-    let message = rejected_upload(&gw, upload_form("f", "run.py", tar_of(&[("main.py", MAIN)]), "artifact.tar"), 400).await;
+    let message = rejected_upload(
+        &gw,
+        upload_form("f", "run.py", tar_of(&[("main.py", MAIN)]), "artifact.tar"),
+        400,
+    )
+    .await;
     assert!(message.contains("run.py"), "{message}");
     gw.shutdown().await;
 }
@@ -299,7 +398,10 @@ async fn upload_bad_dependencies_is_400() {
             .text("title", "f")
             .text("entrypoint", "main.py")
             .text("dependencies", deps)
-            .part("artifact", Part::bytes(tar_of(&[("main.py", MAIN)])).file_name("artifact.tar"));
+            .part(
+                "artifact",
+                Part::bytes(tar_of(&[("main.py", MAIN)])).file_name("artifact.tar"),
+            );
         rejected_upload(&gw, form, 400).await;
     }
     gw.shutdown().await;
@@ -307,7 +409,12 @@ async fn upload_bad_dependencies_is_400() {
 
 #[tokio::test]
 async fn upload_too_large_is_413() {
-    let gw = TestGateway::start(Options::default().workers(0).var("GATEWAY_MAX_ARTIFACT_BYTES", "4096")).await;
+    let gw = TestGateway::start(
+        Options::default()
+            .workers(0)
+            .var("GATEWAY_MAX_ARTIFACT_BYTES", "4096"),
+    )
+    .await;
     let big = "#".repeat(10 * 1024);
     let tar = tar_of(&[("main.py", MAIN), ("data.py", big.as_str())]);
     assert!(tar.len() > 10 * 1024);
@@ -341,7 +448,10 @@ async fn get_by_title_own_function_shape() {
         .text("entrypoint", "main.py")
         .text("dependencies", "[\"pendulum==3.0.0\"]")
         .text("description", "desc")
-        .part("artifact", Part::bytes(tar_of(&[("main.py", MAIN)])).file_name("artifact.tar"));
+        .part(
+            "artifact",
+            Part::bytes(tar_of(&[("main.py", MAIN)])).file_name("artifact.tar"),
+        );
     let (status, body) = gw.post_form(TOKEN, "programs/upload/", form).await;
     assert_eq!(status, 200, "{body}");
     for path in ["programs/get_by_title/f/", "programs/get_by_title/f"] {
@@ -351,9 +461,17 @@ async fn get_by_title_own_function_shape() {
         assert_eq!(body["title"], "f");
         assert_eq!(body["entrypoint"], "main.py");
         assert_eq!(body["description"], "desc");
-        let deps = body["dependencies"].as_str().expect("dependencies is a string");
-        assert_eq!(serde_json::from_str::<Value>(deps).unwrap(), json!(["pendulum==3.0.0"]));
-        assert!(body.get("provider").is_none(), "no provider key for own functions: {body}");
+        let deps = body["dependencies"]
+            .as_str()
+            .expect("dependencies is a string");
+        assert_eq!(
+            serde_json::from_str::<Value>(deps).unwrap(),
+            json!(["pendulum==3.0.0"])
+        );
+        assert!(
+            body.get("provider").is_none(),
+            "no provider key for own functions: {body}"
+        );
         assert_eq!(body["type"], "GENERIC");
         assert_eq!(body["runner"], "ray");
         assert!(body["arguments_schema"].is_string(), "{body}");
@@ -369,7 +487,10 @@ async fn get_by_title_own_function_shape() {
 async fn get_by_title_unknown_is_404() {
     let gw = gateway().await;
     let (status, body) = gw.get(TOKEN, "programs/get_by_title/x/").await;
-    assert_eq!((status, &body), (404, &json!({"message": "Qiskit Function x doesn't exist."})));
+    assert_eq!(
+        (status, &body),
+        (404, &json!({"message": "Qiskit Function x doesn't exist."}))
+    );
     gw.shutdown().await;
 }
 
@@ -378,7 +499,13 @@ async fn get_by_title_of_another_user_is_404() {
     let gw = gateway().await;
     upload_main(&gw, TOKEN, "mine").await;
     let (status, body) = gw.get(TOKEN_BOB, "programs/get_by_title/mine/").await;
-    assert_eq!((status, &body), (404, &json!({"message": "Qiskit Function mine doesn't exist."})));
+    assert_eq!(
+        (status, &body),
+        (
+            404,
+            &json!({"message": "Qiskit Function mine doesn't exist."})
+        )
+    );
     let (status, body) = gw.get(TOKEN_BOB, "programs/").await;
     assert_eq!((status, &body), (200, &json!([])));
     gw.shutdown().await;
@@ -391,17 +518,31 @@ async fn run_valid_is_queued() {
     let gw = gateway().await;
     upload_main(&gw, TOKEN, "f").await;
     let (_, program) = gw.get(TOKEN, "programs/get_by_title/f/").await;
-    let (status, body) = gw.post_json(TOKEN, "programs/run/", &run_body("f", "{\"n\": 1}")).await;
+    let (status, body) = gw
+        .post_json(TOKEN, "programs/run/", &run_body("f", "{\"n\": 1}"))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert!(is_uuid(&body["id"]), "{body}");
     assert_eq!(body["status"], "QUEUED");
-    assert_eq!(body["program"], program["id"], "program is the function's UUID string");
+    assert_eq!(
+        body["program"], program["id"],
+        "program is the function's UUID string"
+    );
     assert!(body["result"].is_null(), "{body}");
     assert!(is_timestamp(&body["created"]), "{body}");
-    assert!(body.get("compute_profile").is_some_and(Value::is_null), "{body}");
+    assert!(
+        body.get("compute_profile").is_some_and(Value::is_null),
+        "{body}"
+    );
     assert_eq!(count(&gw, "jobs").await, 1);
     // Without config (the 2023 JSON shape) too.
-    let (status, body) = gw.post_json(TOKEN, "programs/run/", &json!({"title": "f", "arguments": "{}"})).await;
+    let (status, body) = gw
+        .post_json(
+            TOKEN,
+            "programs/run/",
+            &json!({"title": "f", "arguments": "{}"}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(count(&gw, "jobs").await, 2);
     gw.shutdown().await;
@@ -410,11 +551,21 @@ async fn run_valid_is_queued() {
 #[tokio::test]
 async fn run_unknown_function_is_404() {
     let gw = gateway().await;
-    let (status, body) = gw.post_json(TOKEN, "programs/run/", &run_body("nope", "{}")).await;
-    assert_eq!((status, &body), (404, &json!({"message": "Qiskit Function nope doesn't exist."})));
+    let (status, body) = gw
+        .post_json(TOKEN, "programs/run/", &run_body("nope", "{}"))
+        .await;
+    assert_eq!(
+        (status, &body),
+        (
+            404,
+            &json!({"message": "Qiskit Function nope doesn't exist."})
+        )
+    );
     // Another user's function is unknown as well.
     upload_main(&gw, TOKEN, "f").await;
-    let (status, body) = gw.post_json(TOKEN_BOB, "programs/run/", &run_body("f", "{}")).await;
+    let (status, body) = gw
+        .post_json(TOKEN_BOB, "programs/run/", &run_body("f", "{}"))
+        .await;
     assert_eq!(status, 404, "{body}");
     assert_message(&body);
     assert_eq!(count(&gw, "jobs").await, 0);
@@ -423,7 +574,12 @@ async fn run_unknown_function_is_404() {
 
 #[tokio::test]
 async fn run_rejects_bad_requests_without_inserting() {
-    let gw = TestGateway::start(Options::default().workers(0).var("GATEWAY_MAX_ARGUMENTS_BYTES", "1024")).await;
+    let gw = TestGateway::start(
+        Options::default()
+            .workers(0)
+            .var("GATEWAY_MAX_ARGUMENTS_BYTES", "1024"),
+    )
+    .await;
     upload_main(&gw, TOKEN, "f").await;
     let http = reqwest::Client::new();
 
@@ -439,7 +595,9 @@ async fn run_rejects_bad_requests_without_inserting() {
     assert_message(&body);
 
     // Arguments that are not JSON.
-    let (status, body) = gw.post_json(TOKEN, "programs/run/", &run_body("f", "{not json")).await;
+    let (status, body) = gw
+        .post_json(TOKEN, "programs/run/", &run_body("f", "{not json"))
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_message(&body);
 
@@ -452,14 +610,18 @@ async fn run_rejects_bad_requests_without_inserting() {
 
     // Arguments above GATEWAY_MAX_ARGUMENTS_BYTES.
     let big = json!({"x": "y".repeat(2000)}).to_string();
-    let (status, body) = gw.post_json(TOKEN, "programs/run/", &run_body("f", &big)).await;
+    let (status, body) = gw
+        .post_json(TOKEN, "programs/run/", &run_body("f", &big))
+        .await;
     assert_eq!(status, 413, "{body}");
     assert_message(&body);
 
     assert_eq!(count(&gw, "jobs").await, 0, "failed runs insert nothing");
     assert_eq!(count(&gw, "job_events").await, 0);
     // And the limit is not a cap on a normal run.
-    let (status, body) = gw.post_json(TOKEN, "programs/run/", &run_body("f", "{\"a\": 1}")).await;
+    let (status, body) = gw
+        .post_json(TOKEN, "programs/run/", &run_body("f", "{\"a\": 1}"))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(count(&gw, "jobs").await, 1);
     gw.shutdown().await;
@@ -478,7 +640,10 @@ async fn job_retrieve_shapes() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["id"], id.as_str());
     assert_eq!(body["status"], "QUEUED");
-    assert!(body.get("result").is_some_and(Value::is_null), "result key present: {body}");
+    assert!(
+        body.get("result").is_some_and(Value::is_null),
+        "result key present: {body}"
+    );
     assert!(body["sub_status"].is_null());
     assert!(is_timestamp(&body["created"]), "{body}");
     for key in ["fleet_id", "compute_profile", "business_model"] {
@@ -498,7 +663,9 @@ async fn job_retrieve_shapes() {
     assert_eq!(status, 200);
     assert_eq!(with_true, body);
 
-    let (status, body) = gw.get(TOKEN, &format!("jobs/{id}/?with_result=false")).await;
+    let (status, body) = gw
+        .get(TOKEN, &format!("jobs/{id}/?with_result=false"))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.get("result").is_none(), "{body}");
     assert_eq!(body["program"], json!({"id": program["id"], "title": "f"}));
@@ -517,7 +684,13 @@ async fn job_ids_that_are_not_found() {
     assert_message(&body);
     let unknown = uuid::Uuid::new_v4();
     let (status, body) = gw.get(TOKEN, &format!("jobs/{unknown}/")).await;
-    assert_eq!((status, &body), (404, &json!({"message": format!("Job [{unknown}] not found")})));
+    assert_eq!(
+        (status, &body),
+        (
+            404,
+            &json!({"message": format!("Job [{unknown}] not found")})
+        )
+    );
     gw.shutdown().await;
 }
 
@@ -529,31 +702,59 @@ async fn another_users_job_is_404_everywhere() {
     let bob = |req: reqwest::RequestBuilder| req.bearer_auth(TOKEN_BOB);
     let requests = [
         ("GET job", bob(http.get(gw.api(&format!("jobs/{id}/"))))),
-        ("GET logs", bob(http.get(gw.api(&format!("jobs/{id}/logs/"))))),
-        ("GET result", bob(http.get(gw.api(&format!("jobs/{id}/result/"))))),
-        ("POST result", bob(http.post(gw.api(&format!("jobs/{id}/result/")))).json(&json!({"result": {"x": 1}}))),
-        ("POST stop", bob(http.post(gw.api(&format!("jobs/{id}/stop/")))).json(&json!({"service": null}))),
-        ("GET events", bob(http.get(gw.api(&format!("jobs/{id}/events/"))))),
+        (
+            "GET logs",
+            bob(http.get(gw.api(&format!("jobs/{id}/logs/")))),
+        ),
+        (
+            "GET result",
+            bob(http.get(gw.api(&format!("jobs/{id}/result/")))),
+        ),
+        (
+            "POST result",
+            bob(http.post(gw.api(&format!("jobs/{id}/result/"))))
+                .json(&json!({"result": {"x": 1}})),
+        ),
+        (
+            "POST stop",
+            bob(http.post(gw.api(&format!("jobs/{id}/stop/")))).json(&json!({"service": null})),
+        ),
+        (
+            "GET events",
+            bob(http.get(gw.api(&format!("jobs/{id}/events/")))),
+        ),
         (
             "POST event",
             bob(http.post(gw.api(&format!("jobs/{id}/event/"))))
                 .json(&json!({"type": "ERROR", "message": "m", "code": 1, "exception": "E"})),
         ),
-        ("PATCH sub_status", bob(http.patch(gw.api(&format!("jobs/{id}/sub_status/")))).urlencoded(&[("sub_status", "MAPPING")])),
+        (
+            "PATCH sub_status",
+            bob(http.patch(gw.api(&format!("jobs/{id}/sub_status/"))))
+                .urlencoded(&[("sub_status", "MAPPING")]),
+        ),
     ];
     for (what, req) in requests {
         let (status, _, body) = send(req).await;
         assert_eq!(status, 404, "{what}: {body}");
-        assert_eq!(body, json!({"message": format!("Job [{id}] not found")}), "{what}");
+        assert_eq!(
+            body,
+            json!({"message": format!("Job [{id}] not found")}),
+            "{what}"
+        );
     }
     // Bob changed nothing.
     let (_, job) = gw.get(TOKEN, &format!("jobs/{id}/")).await;
     assert_eq!(job["status"], "QUEUED");
-    assert!(job["result"].is_null() && job["sub_status"].is_null(), "{job}");
-    let errors: i64 = sqlx::query_scalar("SELECT count(*) FROM job_events WHERE event_type = 'ERROR'")
-        .fetch_one(&gw.pool)
-        .await
-        .unwrap();
+    assert!(
+        job["result"].is_null() && job["sub_status"].is_null(),
+        "{job}"
+    );
+    let errors: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM job_events WHERE event_type = 'ERROR'")
+            .fetch_one(&gw.pool)
+            .await
+            .unwrap();
     assert_eq!(errors, 0);
     gw.shutdown().await;
 }
@@ -563,10 +764,18 @@ async fn wrong_method_is_405_json() {
     let gw = gateway().await;
     let id = queued_job(&gw).await;
     let http = reqwest::Client::new();
-    let (status, _, body) = send(http.delete(gw.api(&format!("jobs/{id}/"))).bearer_auth(TOKEN)).await;
+    let (status, _, body) = send(
+        http.delete(gw.api(&format!("jobs/{id}/")))
+            .bearer_auth(TOKEN),
+    )
+    .await;
     assert_eq!(status, 405, "{body}");
     assert_message(&body);
-    let (status, _, body) = send(http.get(gw.api(&format!("jobs/{id}/stop/"))).bearer_auth(TOKEN)).await;
+    let (status, _, body) = send(
+        http.get(gw.api(&format!("jobs/{id}/stop/")))
+            .bearer_auth(TOKEN),
+    )
+    .await;
     assert_eq!(status, 405, "{body}");
     assert_message(&body);
     let (status, _, body) = send(http.put(gw.api("programs/upload/")).bearer_auth(TOKEN)).await;
@@ -583,10 +792,24 @@ async fn result_post_json_then_get() {
     let id = queued_job(&gw).await;
     let http = reqwest::Client::new();
 
-    let (status, _, body) = send(http.get(gw.api(&format!("jobs/{id}/result/"))).bearer_auth(TOKEN)).await;
-    assert_eq!((status, &body), (204, &Value::Null), "no result yet: 204 with an empty body");
+    let (status, _, body) = send(
+        http.get(gw.api(&format!("jobs/{id}/result/")))
+            .bearer_auth(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (status, &body),
+        (204, &Value::Null),
+        "no result yet: 204 with an empty body"
+    );
 
-    let (status, body) = gw.post_json(TOKEN, &format!("jobs/{id}/result/"), &json!({"result": {"a": 1}})).await;
+    let (status, body) = gw
+        .post_json(
+            TOKEN,
+            &format!("jobs/{id}/result/"),
+            &json!({"result": {"a": 1}}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["id"], id.as_str());
     assert_eq!(body["result"], "{\"a\":1}");
@@ -605,7 +828,9 @@ async fn result_post_json_then_get() {
     let (_, job) = gw.get(TOKEN, &format!("jobs/{id}/")).await;
     assert_eq!(job["result"], "{\"a\":1}");
     // A body without `result` is refused and changes nothing.
-    let (status, body) = gw.post_json(TOKEN, &format!("jobs/{id}/result/"), &json!({"other": 1})).await;
+    let (status, body) = gw
+        .post_json(TOKEN, &format!("jobs/{id}/result/"), &json!({"other": 1}))
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_message(&body);
     let (_, body) = gw.get(TOKEN, &format!("jobs/{id}/result/")).await;
@@ -620,20 +845,40 @@ async fn result_post_form_string() {
     let http = reqwest::Client::new();
     let url = gw.api(&format!("jobs/{id}/result/"));
     // A JSON text, as the 2023 in-job client sends it: kept verbatim.
-    let (status, _, body) = send(http.post(&url).bearer_auth(TOKEN).urlencoded(&[("result", "{\"b\": [1, 2]}")])).await;
+    let (status, _, body) = send(
+        http.post(&url)
+            .bearer_auth(TOKEN)
+            .urlencoded(&[("result", "{\"b\": [1, 2]}")]),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["result"], "{\"b\": [1, 2]}");
     let (status, body) = gw.get(TOKEN, &format!("jobs/{id}/result/")).await;
-    assert_eq!((status, &body), (200, &json!({"result": "{\"b\": [1, 2]}"})));
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"result": "{\"b\": [1, 2]}"}))
+    );
     // Plain text is stored as a JSON string.
-    let (status, _, body) = send(http.post(&url).bearer_auth(TOKEN).urlencoded(&[("result", "plain")])).await;
+    let (status, _, body) = send(
+        http.post(&url)
+            .bearer_auth(TOKEN)
+            .urlencoded(&[("result", "plain")]),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let (_, body) = gw.get(TOKEN, &format!("jobs/{id}/result/")).await;
     assert_eq!(body, json!({"result": "\"plain\""}));
     // Once the job has ended its result is final.
-    let (status, _) = gw.post_json(TOKEN, &format!("jobs/{id}/stop/"), &json!({})).await;
+    let (status, _) = gw
+        .post_json(TOKEN, &format!("jobs/{id}/stop/"), &json!({}))
+        .await;
     assert_eq!(status, 200);
-    let (status, _, body) = send(http.post(&url).bearer_auth(TOKEN).urlencoded(&[("result", "late")])).await;
+    let (status, _, body) = send(
+        http.post(&url)
+            .bearer_auth(TOKEN)
+            .urlencoded(&[("result", "late")]),
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
     assert_message(&body);
     let (_, body) = gw.get(TOKEN, &format!("jobs/{id}/result/")).await;
@@ -647,7 +892,12 @@ async fn sub_status_form_and_invalid() {
     let id = queued_job(&gw).await;
     let http = reqwest::Client::new();
     let url = gw.api(&format!("jobs/{id}/sub_status/"));
-    let (status, _, body) = send(http.patch(&url).bearer_auth(TOKEN).urlencoded(&[("sub_status", "MAPPING")])).await;
+    let (status, _, body) = send(
+        http.patch(&url)
+            .bearer_auth(TOKEN)
+            .urlencoded(&[("sub_status", "MAPPING")]),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let job = &body["job"];
     assert_eq!(job["id"], id.as_str());
@@ -656,22 +906,46 @@ async fn sub_status_form_and_invalid() {
     assert_eq!(job["program"]["title"], "f");
     assert!(is_timestamp(&job["created"]), "{job}");
 
-    for bad in [&[("sub_status", "BOGUS")][..], &[][..], &[("other", "MAPPING")][..]] {
+    for bad in [
+        &[("sub_status", "BOGUS")][..],
+        &[][..],
+        &[("other", "MAPPING")][..],
+    ] {
         let (status, _, body) = send(http.patch(&url).bearer_auth(TOKEN).urlencoded(bad)).await;
         assert_eq!(status, 400, "{bad:?}: {body}");
-        assert_eq!(body, json!({"message": "'sub_status' not provided or is not valid"}));
+        assert_eq!(
+            body,
+            json!({"message": "'sub_status' not provided or is not valid"})
+        );
     }
     // JSON works too.
-    let (status, _, body) =
-        send(http.patch(&url).bearer_auth(TOKEN).json(&json!({"sub_status": "WAITING_QPU"}))).await;
+    let (status, _, body) = send(
+        http.patch(&url)
+            .bearer_auth(TOKEN)
+            .json(&json!({"sub_status": "WAITING_QPU"})),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["job"]["sub_status"], "WAITING_QPU");
 
-    let (_, job) = gw.get(TOKEN, &format!("jobs/{id}/?with_result=false")).await;
+    let (_, job) = gw
+        .get(TOKEN, &format!("jobs/{id}/?with_result=false"))
+        .await;
     assert_eq!(job["sub_status"], "WAITING_QPU");
-    let (_, events) = gw.get(TOKEN, &format!("jobs/{id}/events/?type=SUB_STATUS_CHANGE")).await;
-    let subs: Vec<&Value> = events.as_array().unwrap().iter().map(|e| &e["data"]["sub_status"]).collect();
-    assert_eq!(subs, [&json!("WAITING_QPU"), &json!("MAPPING")], "newest first");
+    let (_, events) = gw
+        .get(TOKEN, &format!("jobs/{id}/events/?type=SUB_STATUS_CHANGE"))
+        .await;
+    let subs: Vec<&Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["data"]["sub_status"])
+        .collect();
+    assert_eq!(
+        subs,
+        [&json!("WAITING_QPU"), &json!("MAPPING")],
+        "newest first"
+    );
     gw.shutdown().await;
 }
 
@@ -680,25 +954,44 @@ async fn error_event_then_events_list() {
     let gw = gateway().await;
     let id = queued_job(&gw).await;
     let event = json!({"type": "ERROR", "message": "m", "code": 1, "exception": "E"});
-    let (status, body) = gw.post_json(TOKEN, &format!("jobs/{id}/event/"), &event).await;
+    let (status, body) = gw
+        .post_json(TOKEN, &format!("jobs/{id}/event/"), &event)
+        .await;
     assert_eq!((status, &body), (200, &Value::Null));
-    let second = json!({"type": "error", "message": "m2", "code": "2", "exception": "E2", "args": [1]});
-    let (status, body) = gw.post_json(TOKEN, &format!("jobs/{id}/event/"), &second).await;
+    let second =
+        json!({"type": "error", "message": "m2", "code": "2", "exception": "E2", "args": [1]});
+    let (status, body) = gw
+        .post_json(TOKEN, &format!("jobs/{id}/event/"), &second)
+        .await;
     assert_eq!((status, &body), (200, &Value::Null));
     // Only ERROR is accepted.
-    let (status, body) = gw.post_json(TOKEN, &format!("jobs/{id}/event/"), &json!({"type": "INFO"})).await;
+    let (status, body) = gw
+        .post_json(
+            TOKEN,
+            &format!("jobs/{id}/event/"),
+            &json!({"type": "INFO"}),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_message(&body);
 
-    let (status, errors) = gw.get(TOKEN, &format!("jobs/{id}/events/?type=ERROR")).await;
+    let (status, errors) = gw
+        .get(TOKEN, &format!("jobs/{id}/events/?type=ERROR"))
+        .await;
     assert_eq!(status, 200, "{errors}");
     let errors = errors.as_array().expect("bare array");
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert_eq!(errors[0]["data"]["message"], "m2", "newest first: {errors:?}");
+    assert_eq!(
+        errors[0]["data"]["message"], "m2",
+        "newest first: {errors:?}"
+    );
     assert_eq!(errors[1]["event_type"], "ERROR");
     assert_eq!(errors[1]["data"]["message"], "m");
     assert_eq!(errors[1]["data"]["exception"], "E");
-    assert!(errors[1]["data"]["code"] == json!("1") || errors[1]["data"]["code"] == json!(1), "{errors:?}");
+    assert!(
+        errors[1]["data"]["code"] == json!("1") || errors[1]["data"]["code"] == json!(1),
+        "{errors:?}"
+    );
     assert_eq!(errors[1]["origin"], "API");
     assert_eq!(errors[1]["context"], "SEND_ERROR");
     assert!(is_timestamp(&errors[1]["created"]));
@@ -719,13 +1012,28 @@ async fn stop_queued_job_then_terminal() {
     let gw = gateway().await;
     let id = queued_job(&gw).await;
     // The current client sends a `service`; the 2023 one sends no body.
-    let (status, body) =
-        gw.post_json(TOKEN, &format!("jobs/{id}/stop/"), &json!({"service": "null"})).await;
-    assert_eq!((status, &body), (200, &json!({"message": "Job has been stopped."})));
+    let (status, body) = gw
+        .post_json(
+            TOKEN,
+            &format!("jobs/{id}/stop/"),
+            &json!({"service": "null"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"message": "Job has been stopped."}))
+    );
     assert_eq!(gw.job_status(TOKEN, &id).await, "STOPPED");
-    let (status, _, body) =
-        send(reqwest::Client::new().post(gw.api(&format!("jobs/{id}/stop/"))).bearer_auth(TOKEN)).await;
-    assert_eq!((status, &body), (200, &json!({"message": "Job already in terminal state."})));
+    let (status, _, body) = send(
+        reqwest::Client::new()
+            .post(gw.api(&format!("jobs/{id}/stop/")))
+            .bearer_auth(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"message": "Job already in terminal state."}))
+    );
 
     // No progress reports or error events on a stopped job.
     let (status, _, body) = send(
@@ -736,15 +1044,29 @@ async fn stop_queued_job_then_terminal() {
     )
     .await;
     assert_eq!(status, 403, "{body}");
-    assert_eq!(body, json!({"message": "Cannot update 'sub_status' when is not in active status. (Currently STOPPED)"}));
+    assert_eq!(
+        body,
+        json!({"message": "Cannot update 'sub_status' when is not in active status. (Currently STOPPED)"})
+    );
     let (status, body) = gw
-        .post_json(TOKEN, &format!("jobs/{id}/event/"), &json!({"type": "ERROR", "message": "m", "code": 1, "exception": "E"}))
+        .post_json(
+            TOKEN,
+            &format!("jobs/{id}/event/"),
+            &json!({"type": "ERROR", "message": "m", "code": 1, "exception": "E"}),
+        )
         .await;
     assert_eq!(status, 403, "{body}");
     assert_message(&body);
 
-    let (_, events) = gw.get(TOKEN, &format!("jobs/{id}/events/?type=STATUS_CHANGE")).await;
-    let statuses: Vec<&Value> = events.as_array().unwrap().iter().map(|e| &e["data"]["status"]).collect();
+    let (_, events) = gw
+        .get(TOKEN, &format!("jobs/{id}/events/?type=STATUS_CHANGE"))
+        .await;
+    let statuses: Vec<&Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["data"]["status"])
+        .collect();
     assert_eq!(statuses, [&json!("STOPPED"), &json!("QUEUED")]);
     gw.shutdown().await;
 }
@@ -773,27 +1095,43 @@ async fn job_list_pagination_and_filters() {
     }
     // Stop 3 of them: ids[1] (f1), ids[3] (f2), ids[4] (f1).
     for i in [1, 3, 4] {
-        let (status, body) = gw.post_json(TOKEN, &format!("jobs/{}/stop/", ids[i]), &json!({})).await;
+        let (status, body) = gw
+            .post_json(TOKEN, &format!("jobs/{}/stop/", ids[i]), &json!({}))
+            .await;
         assert_eq!(status, 200, "{body}");
     }
     let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
     let page_ids = |page: &Value| -> Vec<String> {
-        page["results"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect()
+        page["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
     };
 
     let (status, page) = gw.get(TOKEN, "jobs/?limit=5&offset=0").await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["count"], 12);
     assert_eq!(page_ids(&page), newest_first[..5]);
-    assert_eq!(page["next"], format!("{}/api/v1/jobs/?limit=5&offset=5", gw.url));
+    assert_eq!(
+        page["next"],
+        format!("{}/api/v1/jobs/?limit=5&offset=5", gw.url)
+    );
     assert!(page["previous"].is_null(), "{page}");
     let item = &page["results"][0];
     assert_eq!(item["status"], "QUEUED");
     assert_eq!(item["program"]["title"], "f1");
     assert!(is_uuid(&item["program"]["id"]));
-    assert!(item["program"].get("provider").is_some_and(Value::is_null), "list shows provider: null: {item}");
+    assert!(
+        item["program"].get("provider").is_some_and(Value::is_null),
+        "list shows provider: null: {item}"
+    );
     assert!(is_timestamp(&item["created"]));
-    assert!(item.get("sub_status").is_some() && item.get("compute_profile").is_some(), "{item}");
+    assert!(
+        item.get("sub_status").is_some() && item.get("compute_profile").is_some(),
+        "{item}"
+    );
 
     // Following `next` works as is.
     let next = page["next"].as_str().unwrap();
@@ -806,21 +1144,37 @@ async fn job_list_pagination_and_filters() {
     assert_eq!(page["count"], 12);
     assert_eq!(page_ids(&page), newest_first[10..]);
     assert!(page["next"].is_null(), "{page}");
-    assert_eq!(page["previous"], format!("{}/api/v1/jobs/?limit=5&offset=5", gw.url));
+    assert_eq!(
+        page["previous"],
+        format!("{}/api/v1/jobs/?limit=5&offset=5", gw.url)
+    );
 
     // Defaults: everything (limit 100), without the trailing slash too.
     let (status, page) = gw.get(TOKEN, "jobs").await;
     assert_eq!(status, 200);
     assert_eq!(page_ids(&page), newest_first);
-    assert!(page["next"].is_null() && page["previous"].is_null(), "{page}");
+    assert!(
+        page["next"].is_null() && page["previous"].is_null(),
+        "{page}"
+    );
 
     // By function.
     let (_, page) = gw.get(TOKEN, "jobs/?function=f1&limit=100").await;
     assert_eq!(page["count"], 8);
-    assert!(page["results"].as_array().unwrap().iter().all(|j| j["program"]["title"] == "f1"), "{page}");
+    assert!(
+        page["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["program"]["title"] == "f1"),
+        "{page}"
+    );
     let (_, page) = gw.get(TOKEN, "jobs/?function=f2").await;
     assert_eq!(page["count"], 4);
-    assert_eq!(page_ids(&page), [ids[9].as_str(), &ids[6], &ids[3], &ids[0]]);
+    assert_eq!(
+        page_ids(&page),
+        [ids[9].as_str(), &ids[6], &ids[3], &ids[0]]
+    );
 
     // By status, with the gateway's name and the client's alias.
     let stopped = [ids[4].as_str(), &ids[3], &ids[1]];
@@ -829,7 +1183,13 @@ async fn job_list_pagination_and_filters() {
         assert_eq!(status, 200, "{page}");
         assert_eq!(page["count"], 3, "{status_name}");
         assert_eq!(page_ids(&page), stopped, "{status_name}");
-        assert!(page["results"].as_array().unwrap().iter().all(|j| j["status"] == "STOPPED"));
+        assert!(
+            page["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|j| j["status"] == "STOPPED")
+        );
     }
     let (_, page) = gw.get(TOKEN, "jobs/?status=QUEUED&function=f1").await;
     assert_eq!(page["count"], 6);
@@ -837,23 +1197,41 @@ async fn job_list_pagination_and_filters() {
     // created_after: inclusive, and in the future nothing.
     let (_, all) = gw.get(TOKEN, "jobs/").await;
     let fifth_newest = all["results"][4]["created"].as_str().unwrap().to_string();
-    let (status, page) = gw.get(TOKEN, &format!("jobs/?created_after={}", fifth_newest.replace('+', "%2B"))).await;
+    let (status, page) = gw
+        .get(
+            TOKEN,
+            &format!("jobs/?created_after={}", fifth_newest.replace('+', "%2B")),
+        )
+        .await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["count"], 5, "created_after is inclusive: {page}");
     assert_eq!(page_ids(&page), newest_first[..5]);
-    let (status, page) = gw.get(TOKEN, "jobs/?created_after=2999-01-01T00:00:00Z").await;
+    let (status, page) = gw
+        .get(TOKEN, "jobs/?created_after=2999-01-01T00:00:00Z")
+        .await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["count"], 0);
     assert_eq!(page["results"], json!([]));
 
     // Bad input.
-    for bad in ["jobs/?limit=abc", "jobs/?offset=-1", "jobs/?status=BOGUS", "jobs/?created_after=yesterday"] {
+    for bad in [
+        "jobs/?limit=abc",
+        "jobs/?offset=-1",
+        "jobs/?status=BOGUS",
+        "jobs/?created_after=yesterday",
+    ] {
         let (status, body) = gw.get(TOKEN, bad).await;
         assert_eq!(status, 400, "{bad}: {body}");
         assert_message(&body);
     }
     let (status, body) = gw.get(TOKEN, "jobs/?function=unknown").await;
-    assert_eq!((status, &body), (404, &json!({"message": "Qiskit Function unknown doesn't exist."})));
+    assert_eq!(
+        (status, &body),
+        (
+            404,
+            &json!({"message": "Qiskit Function unknown doesn't exist."})
+        )
+    );
 
     // Bob has a function of the same name, but no jobs.
     let (status, page) = gw.get(TOKEN_BOB, "jobs/").await;
@@ -873,13 +1251,28 @@ async fn unsupported_content_types_are_415_json() {
     let id = queued_job(&gw).await;
     let http = reqwest::Client::new();
     let cases = [
-        ("run as text", http.post(gw.api("programs/run/")).header("Content-Type", "text/plain").body("{\"title\": \"f\"}")),
-        ("upload as JSON", http.post(gw.api("programs/upload/")).json(&json!({"title": "g", "entrypoint": "main.py"}))),
+        (
+            "run as text",
+            http.post(gw.api("programs/run/"))
+                .header("Content-Type", "text/plain")
+                .body("{\"title\": \"f\"}"),
+        ),
+        (
+            "upload as JSON",
+            http.post(gw.api("programs/upload/"))
+                .json(&json!({"title": "g", "entrypoint": "main.py"})),
+        ),
         (
             "event as form",
-            http.post(gw.api(&format!("jobs/{id}/event/"))).urlencoded(&[("type", "ERROR"), ("message", "m")]),
+            http.post(gw.api(&format!("jobs/{id}/event/")))
+                .urlencoded(&[("type", "ERROR"), ("message", "m")]),
         ),
-        ("result as XML", http.post(gw.api(&format!("jobs/{id}/result/"))).header("Content-Type", "application/xml").body("<r/>")),
+        (
+            "result as XML",
+            http.post(gw.api(&format!("jobs/{id}/result/")))
+                .header("Content-Type", "application/xml")
+                .body("<r/>"),
+        ),
     ];
     for (what, req) in cases {
         let (status, _, body) = send(req.bearer_auth(TOKEN)).await;
@@ -913,14 +1306,29 @@ async fn provider_functions_are_unknown_functions() {
     let not_found = json!({"message": "Qiskit Function p/t doesn't exist."});
     let (status, body) = gw.get(TOKEN, "programs/get_by_title/t/?provider=p").await;
     assert_eq!((status, &body), (404, &not_found));
-    let (status, body) = gw.post_json(TOKEN, "programs/run/", &json!({"title": "t", "provider": "p", "arguments": "{}", "config": {}})).await;
+    let (status, body) = gw
+        .post_json(
+            TOKEN,
+            "programs/run/",
+            &json!({"title": "t", "provider": "p", "arguments": "{}", "config": {}}),
+        )
+        .await;
     assert_eq!((status, &body), (404, &not_found));
-    let (status, body) = gw.post_json(TOKEN, "programs/run/", &run_body("p/t", "{}")).await;
+    let (status, body) = gw
+        .post_json(TOKEN, "programs/run/", &run_body("p/t", "{}"))
+        .await;
     assert_eq!((status, &body), (404, &not_found));
-    let form = upload_form("t", "main.py", tar_of(&[("main.py", MAIN)]), "artifact.tar").text("provider", "p");
+    let form = upload_form("t", "main.py", tar_of(&[("main.py", MAIN)]), "artifact.tar")
+        .text("provider", "p");
     let (status, body) = gw.post_form(TOKEN, "programs/upload/", form).await;
     assert_eq!((status, &body), (404, &not_found));
-    let (status, body) = gw.post_form(TOKEN, "programs/upload/", upload_form("p/t", "main.py", tar_of(&[("main.py", MAIN)]), "a.tar")).await;
+    let (status, body) = gw
+        .post_form(
+            TOKEN,
+            "programs/upload/",
+            upload_form("p/t", "main.py", tar_of(&[("main.py", MAIN)]), "a.tar"),
+        )
+        .await;
     assert_eq!((status, &body), (404, &not_found));
     assert_eq!(count(&gw, "programs").await, 1);
     assert_eq!(count(&gw, "jobs").await, 0);
@@ -953,15 +1361,35 @@ async fn provider_functions_are_unknown_functions() {
 #[tokio::test]
 async fn a_new_entrypoint_without_an_artifact_must_be_in_the_stored_one() {
     let gw = gateway().await;
-    let (status, _) = gw.upload(TOKEN, "twofiles", &[("main.py", "print(1)"), ("other.py", "print(2)")]).await;
+    let (status, _) = gw
+        .upload(
+            TOKEN,
+            "twofiles",
+            &[("main.py", "print(1)"), ("other.py", "print(2)")],
+        )
+        .await;
     assert_eq!(status, 200);
-    let form = |entry: &str| reqwest::multipart::Form::new().text("title", "twofiles").text("entrypoint", entry.to_string());
-    let (status, body) = gw.post_form(TOKEN, "programs/upload/", form("missing.py")).await;
+    let form = |entry: &str| {
+        reqwest::multipart::Form::new()
+            .text("title", "twofiles")
+            .text("entrypoint", entry.to_string())
+    };
+    let (status, body) = gw
+        .post_form(TOKEN, "programs/upload/", form("missing.py"))
+        .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("missing.py"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("missing.py"),
+        "{body}"
+    );
     let (_, program) = gw.get(TOKEN, "programs/get_by_title/twofiles/").await;
-    assert_eq!(program["entrypoint"], "main.py", "a rejected upload changes nothing");
-    let (status, body) = gw.post_form(TOKEN, "programs/upload/", form("other.py")).await;
+    assert_eq!(
+        program["entrypoint"], "main.py",
+        "a rejected upload changes nothing"
+    );
+    let (status, body) = gw
+        .post_form(TOKEN, "programs/upload/", form("other.py"))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["entrypoint"], "other.py");
     gw.shutdown().await;
@@ -974,15 +1402,29 @@ async fn processes_with_another_secret_key_refuse_to_start() {
     vars.insert("GATEWAY_SECRET_KEY".into(), "another-key".into());
     let config = || shared::config::Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let api = api::startup::Application::build(config()).await;
-    let err = api.err().expect("an API with another key must not start").to_string();
+    let err = api
+        .err()
+        .expect("an API with another key must not start")
+        .to_string();
     assert!(err.contains("GATEWAY_SECRET_KEY is not the key"), "{err}");
-    let worker = tokio::time::timeout(std::time::Duration::from_secs(30), worker::run(config(), std::future::pending()))
-        .await
-        .expect("the worker gives up at once");
-    let err = worker.expect_err("a worker with another key must not start").to_string();
+    let worker = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        worker::run(config(), std::future::pending()),
+    )
+    .await
+    .expect("the worker gives up at once");
+    let err = worker
+        .expect_err("a worker with another key must not start")
+        .to_string();
     assert!(err.contains("GATEWAY_SECRET_KEY is not the key"), "{err}");
     // The right key still starts.
     let same = gw.vars.clone();
-    assert!(api::startup::Application::build(shared::config::Config::from_lookup(|k| same.get(k).cloned()).unwrap()).await.is_ok());
+    assert!(
+        api::startup::Application::build(
+            shared::config::Config::from_lookup(|k| same.get(k).cloned()).unwrap()
+        )
+        .await
+        .is_ok()
+    );
     gw.shutdown().await;
 }

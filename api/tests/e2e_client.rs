@@ -15,33 +15,71 @@ async fn current_client_runs_fails_stops_and_lists() {
 
     assert_eq!(out["adder_result"], json!({"sum": 42}), "{out}");
     assert_eq!(out["adder_status"], "DONE");
-    assert!(out["adder_logs"].as_str().unwrap().contains("adding 2 and 40"), "{}", out["adder_logs"]);
+    assert!(
+        out["adder_logs"]
+            .as_str()
+            .unwrap()
+            .contains("adding 2 and 40"),
+        "{}",
+        out["adder_logs"]
+    );
 
     assert_eq!(out["failer_status"], "ERROR");
     let failer_logs = out["failer_logs"].as_str().unwrap();
-    assert!(failer_logs.contains("Traceback") && failer_logs.contains("ValueError: boom from the function"), "{failer_logs}");
-    assert!(out["failer_raised"].is_string(), "result() of a failed job raises: {out}");
-    assert!(failer_logs.contains("[gateway] error: Job entrypoint command failed with exit code 1"), "{failer_logs}");
+    assert!(
+        failer_logs.contains("Traceback")
+            && failer_logs.contains("ValueError: boom from the function"),
+        "{failer_logs}"
+    );
+    assert!(
+        out["failer_raised"].is_string(),
+        "result() of a failed job raises: {out}"
+    );
+    assert!(
+        failer_logs.contains("[gateway] error: Job entrypoint command failed with exit code 1"),
+        "{failer_logs}"
+    );
 
     assert_eq!(out["sleeper_before_stop"], "RUNNING");
     assert_eq!(out["stop_message"], "Job has been stopped.");
     assert_eq!(out["sleeper_status"], "CANCELED");
-    assert!(out["sleeper_logs"].as_str().unwrap().contains("sleeping now"), "logs kept after stop: {}", out["sleeper_logs"]);
+    assert!(
+        out["sleeper_logs"]
+            .as_str()
+            .unwrap()
+            .contains("sleeping now"),
+        "logs kept after stop: {}",
+        out["sleeper_logs"]
+    );
     let sleeper = out["sleeper_id"].as_str().unwrap();
     // The gateway answers CANCELED at once; Ray ends the driver shortly after.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let ray = gw.ray_job(sleeper).await.expect("Ray knows the stopped job");
+        let ray = gw
+            .ray_job(sleeper)
+            .await
+            .expect("Ray knows the stopped job");
         if ray["status"] == "STOPPED" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the Ray job itself is stopped: {ray}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Ray job itself is stopped: {ray}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let jobs: Vec<&str> = out["jobs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let jobs: Vec<&str> = out["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     for key in ["adder_id", "failer_id", "sleeper_id"] {
-        assert!(jobs.contains(&out[key].as_str().unwrap()), "{key} listed in {jobs:?}");
+        assert!(
+            jobs.contains(&out[key].as_str().unwrap()),
+            "{key} listed in {jobs:?}"
+        );
     }
     assert_eq!(out["functions"], json!(["adder", "failer", "sleeper"]));
 
@@ -71,17 +109,29 @@ async fn dispatch_follows_the_push_not_the_heartbeat() {
             .var("GATEWAY_RECONCILE_INTERVAL_MS", "20000"),
     )
     .await;
-    let (status, _) = gw.upload(support::TOKEN, "quick", &[("main.py", "print('hi')")]).await;
+    let (status, _) = gw
+        .upload(support::TOKEN, "quick", &[("main.py", "print('hi')")])
+        .await;
     assert_eq!(status, 200);
     // Let the worker register and park on an empty queue first.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for _ in 0..3 {
         let started = std::time::Instant::now();
         let id = gw.run(support::TOKEN, "quick", &json!({})).await;
-        gw.wait_status(support::TOKEN, &id, &["PENDING", "RUNNING", "SUCCEEDED"], Duration::from_secs(30)).await;
+        gw.wait_status(
+            support::TOKEN,
+            &id,
+            &["PENDING", "RUNNING", "SUCCEEDED"],
+            Duration::from_secs(30),
+        )
+        .await;
         let waited = started.elapsed();
-        assert!(waited < Duration::from_millis(2500), "the job waited {waited:?} in QUEUED");
-        gw.wait_status(support::TOKEN, &id, &["SUCCEEDED"], Duration::from_secs(60)).await;
+        assert!(
+            waited < Duration::from_millis(2500),
+            "the job waited {waited:?} in QUEUED"
+        );
+        gw.wait_status(support::TOKEN, &id, &["SUCCEEDED"], Duration::from_secs(60))
+            .await;
     }
     gw.shutdown().await;
 }

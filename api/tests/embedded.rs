@@ -24,7 +24,11 @@ impl Drop for Embedded {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `gateway-api` with only a data dir, a port and the interpreter
@@ -37,7 +41,10 @@ fn start(data: &Path, port: u16, extra: &[(&str, &str)]) -> Embedded {
         .env("HOME", std::env::var("HOME").unwrap_or_default())
         .env("GATEWAY_DATA_DIR", data)
         .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
-        .env("GATEWAY_PYTHON", support::required_env("GATEWAY_TEST_PYTHON"))
+        .env(
+            "GATEWAY_PYTHON",
+            support::required_env("GATEWAY_TEST_PYTHON"),
+        )
         .envs(extra.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -49,11 +56,17 @@ fn start(data: &Path, port: u16, extra: &[(&str, &str)]) -> Embedded {
         if let Ok(200) = reqwest::blocking_get(&format!("{url}/readiness/")) {
             break;
         }
-        assert!(Instant::now() < deadline, "the embedded gateway did not become ready");
+        assert!(
+            Instant::now() < deadline,
+            "the embedded gateway did not become ready"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // The generated token is kept under the data dir (and printed at start).
-    let token = std::fs::read_to_string(data.join("token")).expect("token file").trim().to_string();
+    let token = std::fs::read_to_string(data.join("token"))
+        .expect("token file")
+        .trim()
+        .to_string();
     Embedded { child, url, token }
 }
 
@@ -62,17 +75,29 @@ mod reqwest {
     pub fn blocking_get(url: &str) -> std::io::Result<u16> {
         use std::io::{Read, Write};
         let rest = url.trim_start_matches("http://");
-        let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+        let (host, path) = rest
+            .split_once('/')
+            .map(|(h, p)| (h, format!("/{p}")))
+            .unwrap_or((rest, "/".into()));
         let mut s = std::net::TcpStream::connect(host)?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )?;
         let mut buf = String::new();
         s.read_to_string(&mut buf)?;
-        Ok(buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
+        Ok(buf
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0))
     }
 }
 
 async fn python(script: &str, gw: &Embedded, env: &[(&str, &str)]) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
     let out = tokio::process::Command::new(support::required_env("GATEWAY_TEST_PYTHON"))
         .arg(path)
         .env("GATEWAY_URL", &gw.url)
@@ -82,8 +107,19 @@ async fn python(script: &str, gw: &Embedded, env: &[(&str, &str)]) -> Value {
         .await
         .expect("python");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{script}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default()).expect("JSON")
+    assert!(
+        out.status.success(),
+        "{script}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(
+        stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default(),
+    )
+    .expect("JSON")
 }
 
 async fn job(gw: &Embedded, id: &str) -> Value {
@@ -104,13 +140,37 @@ async fn newcomer_runs_the_real_client_against_the_embedded_gateway() {
     let out = python("client_flow.py", &gw, &[]).await;
     assert_eq!(out["adder_result"], json!({"sum": 42}), "{out}");
     assert_eq!(out["adder_status"], "DONE");
-    assert!(out["adder_logs"].as_str().unwrap().contains("adding 2 and 40"), "{out}");
+    assert!(
+        out["adder_logs"]
+            .as_str()
+            .unwrap()
+            .contains("adding 2 and 40"),
+        "{out}"
+    );
     assert_eq!(out["failer_status"], "ERROR");
-    assert!(out["failer_logs"].as_str().unwrap().contains("ValueError: boom from the function"), "{out}");
-    assert!(out["failer_logs"].as_str().unwrap().contains("[gateway] error: The function exited with code 1."), "{out}");
+    assert!(
+        out["failer_logs"]
+            .as_str()
+            .unwrap()
+            .contains("ValueError: boom from the function"),
+        "{out}"
+    );
+    assert!(
+        out["failer_logs"]
+            .as_str()
+            .unwrap()
+            .contains("[gateway] error: The function exited with code 1."),
+        "{out}"
+    );
     assert_eq!(out["sleeper_before_stop"], "RUNNING");
     assert_eq!(out["sleeper_status"], "CANCELED");
-    assert!(out["sleeper_logs"].as_str().unwrap().contains("sleeping now"), "{out}");
+    assert!(
+        out["sleeper_logs"]
+            .as_str()
+            .unwrap()
+            .contains("sleeping now"),
+        "{out}"
+    );
     assert_eq!(out["jobs"].as_array().unwrap().len(), 3);
     // The stopped function's process group is gone.
     let sleeper = out["sleeper_id"].as_str().unwrap();
@@ -129,15 +189,29 @@ async fn newcomer_runs_the_real_client_against_the_embedded_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_embedded_gateway_finishes_its_queue_after_restart_without_running_anything_twice() {
+async fn a_killed_embedded_gateway_finishes_its_queue_after_restart_without_running_anything_twice()
+{
     let data = tempfile::tempdir().unwrap();
     let markers = tempfile::tempdir().unwrap();
     let port = free_port();
     let limits = [("LIMITS_MAX_CLUSTERS", "2"), ("LIMITS_JOBS_PER_USER", "2")];
     let mut gw = start(data.path(), port, &limits);
     const RUNS: usize = 6;
-    let queued = python("restart_queue.py", &gw, &[("MARKER_DIR", markers.path().to_str().unwrap()), ("RUNS", "6")]).await;
-    let ids: Vec<String> = queued["jobs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let queued = python(
+        "restart_queue.py",
+        &gw,
+        &[
+            ("MARKER_DIR", markers.path().to_str().unwrap()),
+            ("RUNS", "6"),
+        ],
+    )
+    .await;
+    let ids: Vec<String> = queued["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), RUNS);
 
     // Kill it while some run and the rest wait.
@@ -182,16 +256,30 @@ async fn a_killed_embedded_gateway_finishes_its_queue_after_restart_without_runn
 async fn the_embedded_gateway_submits_to_a_ray_head_when_one_is_named() {
     let data = tempfile::tempdir().unwrap();
     let ray = support::ray_url();
-    let gw = start(data.path(), free_port(), &[("RAY_CLUSTER_MODE_LOCAL_HOST", ray.as_str())]);
+    let gw = start(
+        data.path(),
+        free_port(),
+        &[("RAY_CLUSTER_MODE_LOCAL_HOST", ray.as_str())],
+    );
     let out = python("client_flow.py", &gw, &[]).await;
     assert_eq!(out["adder_result"], json!({"sum": 42}), "{out}");
     assert_eq!(out["sleeper_status"], "CANCELED");
     // The jobs ran on Ray, not as local processes.
     let client = ::reqwest::Client::new();
     let adder = out["adder_id"].as_str().unwrap();
-    let on_ray: Value = client.get(format!("{ray}/api/jobs/{adder}")).send().await.unwrap().json().await.unwrap();
+    let on_ray: Value = client
+        .get(format!("{ray}/api/jobs/{adder}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(on_ray["status"], "SUCCEEDED", "{on_ray}");
-    assert!(!data.path().join("jobs").join(adder).exists(), "no local process was used");
+    assert!(
+        !data.path().join("jobs").join(adder).exists(),
+        "no local process was used"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,5 +295,8 @@ async fn one_embedded_gateway_per_data_dir() {
         .expect("run a second gateway");
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(stderr.contains("another embedded gateway is using the data dir"), "{stderr}");
+    assert!(
+        stderr.contains("another embedded gateway is using the data dir"),
+        "{stderr}"
+    );
 }

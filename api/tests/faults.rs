@@ -56,8 +56,16 @@ struct OwnRedis {
 
 impl OwnRedis {
     async fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = OwnRedis { port, dir: tempfile::tempdir().unwrap(), child: None };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = OwnRedis {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
         redis.restart().await;
         redis
     }
@@ -70,7 +78,16 @@ impl OwnRedis {
     async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let child = Command::new(support::required_env("GATEWAY_TEST_REDIS_SERVER"))
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -83,11 +100,18 @@ impl OwnRedis {
         loop {
             if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "redis-server on port {} did not come up", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not come up",
+                self.port
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -126,7 +150,10 @@ async fn wait_claimed(gw: &TestGateway, id: &str, timeout: Duration) -> String {
         if let Some(worker) = claimed_by(gw, id).await {
             return worker;
         }
-        assert!(Instant::now() < deadline, "no worker claimed job {id} within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no worker claimed job {id} within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -134,12 +161,16 @@ async fn wait_claimed(gw: &TestGateway, id: &str, timeout: Duration) -> String {
 async fn result_of(gw: &TestGateway, id: &str) -> Value {
     let (status, body) = gw.get(TOKEN, &format!("jobs/{id}/result/")).await;
     assert_eq!(status, 200, "result of {id}: {body}");
-    let text = body["result"].as_str().unwrap_or_else(|| panic!("a stored result: {body}"));
+    let text = body["result"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a stored result: {body}"));
     serde_json::from_str(text).unwrap_or_else(|e| panic!("result is JSON ({e}): {text}"))
 }
 
 async fn stop(gw: &TestGateway, id: &str) {
-    let (status, body) = gw.post_json(TOKEN, &format!("jobs/{id}/stop/"), &json!({})).await;
+    let (status, body) = gw
+        .post_json(TOKEN, &format!("jobs/{id}/stop/"), &json!({}))
+        .await;
     assert_eq!(status, 200, "stop: {body}");
     assert_eq!(body["message"], "Job has been stopped.", "{body}");
 }
@@ -174,31 +205,51 @@ async fn a_run_submitted_while_redis_is_down_still_completes() {
     upload(&gw, "adder", ADDER).await;
     // The worker is up and attached to the queue before the outage.
     let warm = gw.run(TOKEN, "adder", &json!({"a": 1, "b": 2})).await;
-    assert_eq!(gw.wait_status(TOKEN, &warm, TERMINAL, Duration::from_secs(60)).await, "SUCCEEDED");
+    assert_eq!(
+        gw.wait_status(TOKEN, &warm, TERMINAL, Duration::from_secs(60))
+            .await,
+        "SUCCEEDED"
+    );
 
     redis.kill();
     let asked = Instant::now();
     let id = gw.run(TOKEN, "adder", &json!({"a": 20, "b": 22})).await;
     let answered = asked.elapsed();
-    assert!(answered < Duration::from_secs(5), "the run is not held by the outage: {answered:?}");
-    assert_eq!(gw.job_status(TOKEN, &id).await, "QUEUED", "committed while Redis is down");
+    assert!(
+        answered < Duration::from_secs(5),
+        "the run is not held by the outage: {answered:?}"
+    );
+    assert_eq!(
+        gw.job_status(TOKEN, &id).await,
+        "QUEUED",
+        "committed while Redis is down"
+    );
     // Nothing moves while the queue is gone (the reconciler's sweeps fail too).
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(gw.job_status(TOKEN, &id).await, "QUEUED");
     }
-    let enqueued: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar("SELECT enqueued_at FROM jobs WHERE id = $1")
-        .bind(Uuid::parse_str(&id).unwrap())
-        .fetch_one(&gw.pool)
-        .await
-        .unwrap();
-    assert_eq!(enqueued, None, "no wake-up got through while Redis was down");
+    let enqueued: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT enqueued_at FROM jobs WHERE id = $1")
+            .bind(Uuid::parse_str(&id).unwrap())
+            .fetch_one(&gw.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        enqueued, None,
+        "no wake-up got through while Redis was down"
+    );
 
     redis.restart().await;
     let back = Instant::now();
-    let status = gw.wait_status(TOKEN, &id, TERMINAL, Duration::from_secs(60)).await;
+    let status = gw
+        .wait_status(TOKEN, &id, TERMINAL, Duration::from_secs(60))
+        .await;
     assert_eq!(status, "SUCCEEDED");
-    eprintln!("run answered in {answered:?}; SUCCEEDED {:?} after Redis came back", back.elapsed());
+    eprintln!(
+        "run answered in {answered:?}; SUCCEEDED {:?} after Redis came back",
+        back.elapsed()
+    );
     assert_eq!(result_of(&gw, &id).await, json!({"sum": 42}));
     assert!(gw.ray_job(&id).await.is_some(), "Ray ran it");
     wait_no_leases(&gw, Duration::from_secs(10)).await;
@@ -213,38 +264,76 @@ async fn a_worker_killed_mid_dispatch_is_replaced_within_seconds() {
     let marker: PathBuf = gw.data_dir.path().join("marker.txt");
     let pid = gw.spawn_worker_process(&[("GATEWAY_TEST_DISPATCH_PAUSE_MS", "4000")]);
 
-    let id = gw.run(TOKEN, "marker", &json!({"marker": marker.display().to_string()})).await;
+    let id = gw
+        .run(
+            TOKEN,
+            "marker",
+            &json!({"marker": marker.display().to_string()}),
+        )
+        .await;
     let doomed = wait_claimed(&gw, &id, Duration::from_secs(30)).await;
     gw.kill_process(pid);
     let killed = Instant::now();
-    assert!(gw.ray_job(&id).await.is_none(), "the worker died before submitting");
+    assert!(
+        gw.ray_job(&id).await.is_none(),
+        "the worker died before submitting"
+    );
     assert_eq!(gw.job_status(TOKEN, &id).await, "QUEUED");
 
     gw.add_worker();
     let left_queue = ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"];
-    gw.wait_status(TOKEN, &id, &left_queue, Duration::from_secs(20)).await;
+    gw.wait_status(TOKEN, &id, &left_queue, Duration::from_secs(20))
+        .await;
     let taken_over = killed.elapsed();
-    let status = gw.wait_status(TOKEN, &id, TERMINAL, Duration::from_secs(20).saturating_sub(taken_over)).await;
+    let status = gw
+        .wait_status(
+            TOKEN,
+            &id,
+            TERMINAL,
+            Duration::from_secs(20).saturating_sub(taken_over),
+        )
+        .await;
     let took = killed.elapsed();
     assert_eq!(status, "SUCCEEDED");
     eprintln!("submitted again {taken_over:?} and SUCCEEDED {took:?} after the worker was killed");
     assert!(took <= Duration::from_secs(20), "{took:?}");
 
-    let events: Vec<String> = sqlx::query_scalar("SELECT data->>'status' FROM job_events WHERE job_id = $1 ORDER BY id")
-        .bind(Uuid::parse_str(&id).unwrap())
-        .fetch_all(&gw.pool)
-        .await
-        .unwrap();
+    let events: Vec<String> =
+        sqlx::query_scalar("SELECT data->>'status' FROM job_events WHERE job_id = $1 ORDER BY id")
+            .bind(Uuid::parse_str(&id).unwrap())
+            .fetch_all(&gw.pool)
+            .await
+            .unwrap();
     // One clean path: a single submission (RUNNING may be skipped by a fast job).
     let pending = events.iter().filter(|e| *e == "PENDING").count();
-    assert_eq!((events.first().map(String::as_str), pending, events.last().map(String::as_str)), (Some("QUEUED"), 1, Some("SUCCEEDED")), "{events:?}");
+    assert_eq!(
+        (
+            events.first().map(String::as_str),
+            pending,
+            events.last().map(String::as_str)
+        ),
+        (Some("QUEUED"), 1, Some("SUCCEEDED")),
+        "{events:?}"
+    );
     let last_claim: Option<String> = claimed_by(&gw, &id).await;
-    assert_ne!(last_claim.as_deref(), Some(doomed.as_str()), "the dead worker's claim is gone");
+    assert_ne!(
+        last_claim.as_deref(),
+        Some(doomed.as_str()),
+        "the dead worker's claim is gone"
+    );
 
     let lines = std::fs::read_to_string(&marker).expect("marker file written");
-    assert_eq!(lines.lines().count(), 1, "the function body ran exactly once: {lines:?}");
+    assert_eq!(
+        lines.lines().count(),
+        1,
+        "the function body ran exactly once: {lines:?}"
+    );
     assert_eq!(result_of(&gw, &id).await, json!({"marked": true}));
-    assert_eq!(ray_jobs_with_submission_id(&id).await, 1, "Ray holds one job for the submission id");
+    assert_eq!(
+        ray_jobs_with_submission_id(&id).await,
+        1,
+        "Ray holds one job for the submission id"
+    );
     wait_no_leases(&gw, Duration::from_secs(10)).await;
     gw.shutdown().await;
 }
@@ -258,13 +347,21 @@ async fn stop_while_queued_never_reaches_ray() {
     stop(&gw, &id).await;
     assert_eq!(gw.job_status(TOKEN, &id).await, "STOPPED");
     // A second stop finds it final.
-    let (status, body) = gw.post_json(TOKEN, &format!("jobs/{id}/stop/"), &json!({})).await;
-    assert_eq!((status, body["message"].as_str()), (200, Some("Job already in terminal state.")));
+    let (status, body) = gw
+        .post_json(TOKEN, &format!("jobs/{id}/stop/"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (200, Some("Job already in terminal state."))
+    );
 
     gw.add_worker();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(gw.job_status(TOKEN, &id).await, "STOPPED");
-    assert!(gw.ray_job(&id).await.is_none(), "a job stopped while queued never reaches Ray");
+    assert!(
+        gw.ray_job(&id).await.is_none(),
+        "a job stopped while queued never reaches Ray"
+    );
     assert_eq!(gw.leases().await, 0);
     let active: i32 = sqlx::query_scalar("SELECT active_jobs FROM users WHERE username = 'alice'")
         .fetch_one(&gw.pool)
@@ -276,7 +373,12 @@ async fn stop_while_queued_never_reaches_ray() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_during_a_slow_dispatch_step_undoes_it() {
-    let gw = TestGateway::start(Options::default().workers(1).var("GATEWAY_TEST_DISPATCH_PAUSE_MS", "3000")).await;
+    let gw = TestGateway::start(
+        Options::default()
+            .workers(1)
+            .var("GATEWAY_TEST_DISPATCH_PAUSE_MS", "3000"),
+    )
+    .await;
     upload(&gw, "slow", SLOW).await;
     let id = gw.run(TOKEN, "slow", &json!({})).await;
     wait_claimed(&gw, &id, Duration::from_secs(30)).await;
@@ -292,8 +394,15 @@ async fn stop_during_a_slow_dispatch_step_undoes_it() {
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(gw.job_status(TOKEN, &id).await, "STOPPED");
-    assert!(gw.ray_job(&id).await.is_none(), "the dispatcher saw the stop and never submitted");
-    assert_eq!(gw.leases().await, 0, "the slots taken for the dispatch are given back");
+    assert!(
+        gw.ray_job(&id).await.is_none(),
+        "the dispatcher saw the stop and never submitted"
+    );
+    assert_eq!(
+        gw.leases().await,
+        0,
+        "the slots taken for the dispatch are given back"
+    );
     assert_eq!(claimed_by(&gw, &id).await, None, "the claim is given back");
     gw.shutdown().await;
 }
@@ -301,28 +410,62 @@ async fn stop_during_a_slow_dispatch_step_undoes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_above_the_cap_keep_the_tail_with_a_marker() {
     const CAP: usize = 65536;
-    let gw = TestGateway::start(Options::default().workers(1).var("FUNCTIONS_LOGS_SIZE_LIMIT", CAP.to_string())).await;
+    let gw = TestGateway::start(
+        Options::default()
+            .workers(1)
+            .var("FUNCTIONS_LOGS_SIZE_LIMIT", CAP.to_string()),
+    )
+    .await;
     upload(&gw, "chatty", CHATTY).await;
     let id = gw.run(TOKEN, "chatty", &json!({})).await;
-    assert_eq!(gw.wait_status(TOKEN, &id, TERMINAL, Duration::from_secs(60)).await, "SUCCEEDED");
+    assert_eq!(
+        gw.wait_status(TOKEN, &id, TERMINAL, Duration::from_secs(60))
+            .await,
+        "SUCCEEDED"
+    );
 
     let (status, body) = gw.get(TOKEN, &format!("jobs/{id}/logs/")).await;
     assert_eq!(status, 200, "{body}");
-    let logs = body["logs"].as_str().unwrap_or_else(|| panic!("logs: {body}"));
-    assert!(logs.len() <= CAP + 200, "logs are capped: {} bytes", logs.len());
-    assert!(logs.len() >= CAP / 2, "the tail is kept, not dropped: {} bytes", logs.len());
-    assert!(logs.contains("log truncated"), "a truncation marker: {}", &logs[..200.min(logs.len())]);
+    let logs = body["logs"]
+        .as_str()
+        .unwrap_or_else(|| panic!("logs: {body}"));
+    assert!(
+        logs.len() <= CAP + 200,
+        "logs are capped: {} bytes",
+        logs.len()
+    );
+    assert!(
+        logs.len() >= CAP / 2,
+        "the tail is kept, not dropped: {} bytes",
+        logs.len()
+    );
+    assert!(
+        logs.contains("log truncated"),
+        "a truncation marker: {}",
+        &logs[..200.min(logs.len())]
+    );
     let tail_start = logs.len().saturating_sub(200);
-    assert!(logs.is_char_boundary(tail_start) && logs[tail_start..].contains("THE END"), "the tail: {}", &logs[tail_start..]);
+    assert!(
+        logs.is_char_boundary(tail_start) && logs[tail_start..].contains("THE END"),
+        "the tail: {}",
+        &logs[tail_start..]
+    );
     assert!(!logs.contains("line 000000 "), "the head is dropped");
-    assert!(logs.contains("line 019999 "), "the last numbered line is kept");
+    assert!(
+        logs.contains("line 019999 "),
+        "the last numbered line is kept"
+    );
 
     let stored: Option<String> = sqlx::query_scalar("SELECT logs FROM jobs WHERE id = $1")
         .bind(Uuid::parse_str(&id).unwrap())
         .fetch_one(&gw.pool)
         .await
         .unwrap();
-    assert_eq!(stored.as_deref(), Some(logs), "the API serves the stored, capped logs");
+    assert_eq!(
+        stored.as_deref(),
+        Some(logs),
+        "the API serves the stored, capped logs"
+    );
     gw.shutdown().await;
 }
 
@@ -330,17 +473,31 @@ async fn logs_above_the_cap_keep_the_tail_with_a_marker() {
 /// deletes ended jobs there after the retention, and still serves them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_jobs_are_deleted_from_ray_after_the_retention() {
-    let gw = TestGateway::start(Options::default().workers(1).var("GATEWAY_RAY_JOB_RETENTION_SECONDS", "5")).await;
+    let gw = TestGateway::start(
+        Options::default()
+            .workers(1)
+            .var("GATEWAY_RAY_JOB_RETENTION_SECONDS", "5"),
+    )
+    .await;
     let (status, _) = gw
         .upload(support::TOKEN, "quick", &[("main.py", "from qiskit_serverless import save_result\nprint('quick run')\nsave_result({'ok': True})\n")])
         .await;
     assert_eq!(status, 200);
-    let id = gw.run(support::TOKEN, "quick", &serde_json::json!({})).await;
-    gw.wait_status(support::TOKEN, &id, &["SUCCEEDED"], Duration::from_secs(60)).await;
-    assert!(gw.ray_job(&id).await.is_some(), "Ray holds the job right after it ended");
+    let id = gw
+        .run(support::TOKEN, "quick", &serde_json::json!({}))
+        .await;
+    gw.wait_status(support::TOKEN, &id, &["SUCCEEDED"], Duration::from_secs(60))
+        .await;
+    assert!(
+        gw.ray_job(&id).await.is_some(),
+        "Ray holds the job right after it ended"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while gw.ray_job(&id).await.is_some() {
-        assert!(std::time::Instant::now() < deadline, "the ended job is still in Ray's job table");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ended job is still in Ray's job table"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Deleted for good (not written back by Ray's job monitor).
@@ -356,6 +513,9 @@ async fn ended_jobs_are_deleted_from_ray_after_the_retention() {
     assert_eq!(job["status"], "SUCCEEDED");
     assert_eq!(job["result"], "{\"ok\": true}");
     let (_, logs) = gw.get(support::TOKEN, &format!("jobs/{id}/logs/")).await;
-    assert!(logs["logs"].as_str().unwrap().contains("quick run"), "{logs}");
+    assert!(
+        logs["logs"].as_str().unwrap().contains("quick run"),
+        "{logs}"
+    );
     gw.shutdown().await;
 }

@@ -54,20 +54,29 @@ fn legacy_run_form(tar: &[u8]) -> Form {
         .text("entrypoint", "main.py")
         .text("arguments", json!({"x": 21}).to_string())
         .text("dependencies", "[]")
-        .part("artifact", Part::bytes(tar.to_vec()).file_name("artifact.tar"))
+        .part(
+            "artifact",
+            Part::bytes(tar.to_vec()).file_name("artifact.tar"),
+        )
 }
 
 /// The saved result text of a finished job, parsed, from both routes that show it.
 async fn result_of(gw: &TestGateway, id: &str) -> Value {
     let (status, job) = gw.get(TOKEN, &format!("jobs/{id}/")).await;
     assert_eq!(status, 200, "{job}");
-    let text = job["result"].as_str().unwrap_or_else(|| panic!("result is a JSON string: {job}"));
-    let from_job: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("result is JSON text ({e}): {text}"));
+    let text = job["result"]
+        .as_str()
+        .unwrap_or_else(|| panic!("result is a JSON string: {job}"));
+    let from_job: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("result is JSON text ({e}): {text}"));
 
     let (status, body) = gw.get(TOKEN, &format!("jobs/{id}/result/")).await;
     assert_eq!(status, 200, "{body}");
-    let text = body["result"].as_str().unwrap_or_else(|| panic!("{{\"result\": <string>}}: {body}"));
-    let from_route: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("result is JSON text ({e}): {text}"));
+    let text = body["result"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{{\"result\": <string>}}: {body}"));
+    let from_route: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("result is JSON text ({e}): {text}"));
     assert_eq!(from_job, from_route, "both routes show the same result");
     from_route
 }
@@ -97,13 +106,17 @@ async fn client_2023_uploads_runs_and_posts_its_result() {
     }
     assert_ne!(ids[0], ids[1]);
     // The same request made by Python's `tarfile` and `requests`, exactly as 0.1.2 builds it.
-    let out = gw.python("legacy_client.py", &[("LEGACY_MAIN", main_py.as_str())]).await;
+    let out = gw
+        .python("legacy_client.py", &[("LEGACY_MAIN", main_py.as_str())])
+        .await;
     assert_eq!(out["status"], 200, "{out}");
     assert_eq!(out["body"]["status"], "QUEUED", "{out}");
     ids.push(out["body"]["id"].as_str().expect("job id").to_string());
 
     for id in &ids {
-        let status = gw.wait_status(TOKEN, id, &["SUCCEEDED", "FAILED", "STOPPED"], JOB_TIMEOUT).await;
+        let status = gw
+            .wait_status(TOKEN, id, &["SUCCEEDED", "FAILED", "STOPPED"], JOB_TIMEOUT)
+            .await;
         let (_, logs) = gw.get(TOKEN, &format!("jobs/{id}/logs/")).await;
         if status != "SUCCEEDED" {
             panic!("job is {status}: {logs}; Ray: {:?}", gw.ray_job(id).await);
@@ -111,14 +124,21 @@ async fn client_2023_uploads_runs_and_posts_its_result() {
         // The old client's `result()`: `json.loads(job["result"] or "{}")` from `GET jobs/{id}/`.
         assert_eq!(result_of(&gw, id).await, json!({"doubled": 42}));
         let logs = logs["logs"].as_str().unwrap_or_default();
-        assert!(logs.contains("doubling 21"), "ENV_JOB_ARGUMENTS holds the real arguments: {logs}");
+        assert!(
+            logs.contains("doubling 21"),
+            "ENV_JOB_ARGUMENTS holds the real arguments: {logs}"
+        );
     }
 
     // Three uploads of the same title updated one function.
     let (status, programs) = gw.get(TOKEN, "programs/").await;
     assert_eq!(status, 200, "{programs}");
-    let titled: Vec<&Value> =
-        programs.as_array().expect("bare array").iter().filter(|p| p["title"] == "legacy-doubler").collect();
+    let titled: Vec<&Value> = programs
+        .as_array()
+        .expect("bare array")
+        .iter()
+        .filter(|p| p["title"] == "legacy-doubler")
+        .collect();
     assert_eq!(titled.len(), 1, "{programs}");
     assert_eq!(programs.as_array().unwrap().len(), 1, "{programs}");
     assert_eq!(titled[0]["entrypoint"], "main.py");
@@ -126,7 +146,12 @@ async fn client_2023_uploads_runs_and_posts_its_result() {
     // The old client lists jobs and reads `results[].id`.
     let (status, page) = gw.get(TOKEN, "jobs/").await;
     assert_eq!(status, 200, "{page}");
-    let listed: Vec<&str> = page["results"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let listed: Vec<&str> = page["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(listed, [ids[2].as_str(), &ids[1], &ids[0]], "newest first");
     gw.shutdown().await;
 }
@@ -149,7 +174,8 @@ async fn posted_result_wins_over_the_result_file() {
          assert save_result({{\"from\": \"file\"}})\n"
     );
     // Only the file: it is the result.
-    let file_only = "from qiskit_serverless import save_result\nassert save_result({\"from\": \"file\"})\n";
+    let file_only =
+        "from qiskit_serverless import save_result\nassert save_result({\"from\": \"file\"})\n";
     let mut jobs = Vec::new();
     for (title, main_py, expected) in [
         ("both", both.as_str(), json!({"from": "post"})),
@@ -161,10 +187,15 @@ async fn posted_result_wins_over_the_result_file() {
         jobs.push((title, gw.run(TOKEN, title, &json!({})).await, expected));
     }
     for (title, id, expected) in &jobs {
-        let status = gw.wait_status(TOKEN, id, &["SUCCEEDED", "FAILED", "STOPPED"], JOB_TIMEOUT).await;
+        let status = gw
+            .wait_status(TOKEN, id, &["SUCCEEDED", "FAILED", "STOPPED"], JOB_TIMEOUT)
+            .await;
         if status != "SUCCEEDED" {
             let (_, logs) = gw.get(TOKEN, &format!("jobs/{id}/logs/")).await;
-            panic!("{title} is {status}: {logs}; Ray: {:?}", gw.ray_job(id).await);
+            panic!(
+                "{title} is {status}: {logs}; Ray: {:?}",
+                gw.ray_job(id).await
+            );
         }
         assert_eq!(&result_of(&gw, id).await, expected, "{title}");
     }

@@ -19,14 +19,20 @@ pub enum ConfigError {
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { name, reason: reason.into() }
+    ConfigError::Invalid {
+        name,
+        reason: reason.into(),
+    }
 }
 
 /// Where state lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     /// Postgres for state, Redis for queues and limits: the production shape.
-    Distributed { database_url: String, redis_url: String },
+    Distributed {
+        database_url: String,
+        redis_url: String,
+    },
     /// No database and no Redis configured: the single-process gateway.
     Embedded,
 }
@@ -148,13 +154,18 @@ impl Config {
             .map_err(|_| invalid("GATEWAY_LISTEN", format!("'{listen_raw}' is not host:port")))?;
         let site_host = get("SITE_HOST").map(|s| s.trim_end_matches('/').to_string());
 
-        let data_dir = absolute(PathBuf::from(get("GATEWAY_DATA_DIR").unwrap_or_else(|| "./data".into())))
-            .map_err(|e| invalid("GATEWAY_DATA_DIR", e))?;
-        let ray_data_path = get("RAY_DATA_PATH").map(PathBuf::from).unwrap_or_else(|| data_dir.clone());
+        let data_dir = absolute(PathBuf::from(
+            get("GATEWAY_DATA_DIR").unwrap_or_else(|| "./data".into()),
+        ))
+        .map_err(|e| invalid("GATEWAY_DATA_DIR", e))?;
+        let ray_data_path = get("RAY_DATA_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data_dir.clone());
 
         let embedded = backend == Backend::Embedded;
-        let generate_token =
-            embedded && get("SETTINGS_AUTH_MOCK_TOKEN").is_none() && get("SETTINGS_AUTH_MOCK_TOKENS").is_none();
+        let generate_token = embedded
+            && get("SETTINGS_AUTH_MOCK_TOKEN").is_none()
+            && get("SETTINGS_AUTH_MOCK_TOKENS").is_none();
         let auth = match get("SETTINGS_AUTH_MECHANISM").as_deref() {
             Some("mock_token") => mock_tokens(&get)?,
             Some("default") => AuthMechanism::Keycloak,
@@ -209,9 +220,15 @@ impl Config {
         };
 
         let local_mode = parse_bool_opt(&get, "RAY_CLUSTER_MODE_LOCAL")?.unwrap_or(false);
-        let configured_head = get("RAY_CLUSTER_MODE_LOCAL_HOST").or_else(|| get("RAY_LOCAL_HOST")).or_else(|| get("RAY_HOST"));
+        let configured_head = get("RAY_CLUSTER_MODE_LOCAL_HOST")
+            .or_else(|| get("RAY_LOCAL_HOST"))
+            .or_else(|| get("RAY_HOST"));
         // The embedded gateway runs functions itself unless a Ray head is named.
-        let runner = if embedded && configured_head.is_none() { RunnerKind::LocalProcess } else { RunnerKind::Ray };
+        let runner = if embedded && configured_head.is_none() {
+            RunnerKind::LocalProcess
+        } else {
+            RunnerKind::Ray
+        };
         let local_host = configured_head
             .unwrap_or_else(|| "http://localhost:8265".into())
             .trim_end_matches('/')
@@ -225,24 +242,46 @@ impl Config {
         let ray = RayConfig {
             local_mode,
             local_host,
-            kuberay_namespace: get("RAY_KUBERAY_NAMESPACE").unwrap_or_else(|| "qiskit-serverless".into()),
-            node_image: get("RAY_NODE_IMAGE")
-                .unwrap_or_else(|| "icr.io/quantum-public/qiskit-serverless/ray-node:0.37.0".into()),
-            max_readiness: Duration::from_secs(parse_num(&get, "RAY_CLUSTER_MAX_READINESS_TIME", 480u64)?),
+            kuberay_namespace: get("RAY_KUBERAY_NAMESPACE")
+                .unwrap_or_else(|| "qiskit-serverless".into()),
+            node_image: get("RAY_NODE_IMAGE").unwrap_or_else(|| {
+                "icr.io/quantum-public/qiskit-serverless/ray-node:0.37.0".into()
+            }),
+            max_readiness: Duration::from_secs(parse_num(
+                &get,
+                "RAY_CLUSTER_MAX_READINESS_TIME",
+                480u64,
+            )?),
         };
 
         let worker = WorkerTuning {
             concurrency: parse_num(&get, "GATEWAY_WORKER_CONCURRENCY", 16usize)?.max(1),
-            heartbeat: Duration::from_millis(parse_num(&get, "GATEWAY_QUEUE_HEARTBEAT_MS", 1000u64)?.max(100)),
+            heartbeat: Duration::from_millis(
+                parse_num(&get, "GATEWAY_QUEUE_HEARTBEAT_MS", 1000u64)?.max(100),
+            ),
             missed_heartbeats: parse_num(&get, "GATEWAY_QUEUE_MISSED_HEARTBEATS", 3usize)?.max(2),
-            track_interval: Duration::from_millis(parse_num(&get, "GATEWAY_TRACK_INTERVAL_MS", 150u64)?.max(20)),
-            lease_ttl: Duration::from_secs(parse_num(&get, "GATEWAY_LEASE_TTL_SECONDS", 30u64)?.max(3)),
-            claim_ttl: Duration::from_secs(parse_num(&get, "GATEWAY_CLAIM_TTL_SECONDS", 5u64)?.max(2)),
-            reconcile_interval: Duration::from_millis(parse_num(&get, "GATEWAY_RECONCILE_INTERVAL_MS", 1000u64)?.max(100)),
+            track_interval: Duration::from_millis(
+                parse_num(&get, "GATEWAY_TRACK_INTERVAL_MS", 150u64)?.max(20),
+            ),
+            lease_ttl: Duration::from_secs(
+                parse_num(&get, "GATEWAY_LEASE_TTL_SECONDS", 30u64)?.max(3),
+            ),
+            claim_ttl: Duration::from_secs(
+                parse_num(&get, "GATEWAY_CLAIM_TTL_SECONDS", 5u64)?.max(2),
+            ),
+            reconcile_interval: Duration::from_millis(
+                parse_num(&get, "GATEWAY_RECONCILE_INTERVAL_MS", 1000u64)?.max(100),
+            ),
             // Ray undoes a delete made within ~2 s of a job's end (its job
             // monitor writes the job back), hence the floor.
-            ray_job_retention: Duration::from_secs(parse_num(&get, "GATEWAY_RAY_JOB_RETENTION_SECONDS", 600u64)?.max(5)),
-            dispatch_pause: Duration::from_millis(parse_num(&get, "GATEWAY_TEST_DISPATCH_PAUSE_MS", 0u64)?),
+            ray_job_retention: Duration::from_secs(
+                parse_num(&get, "GATEWAY_RAY_JOB_RETENTION_SECONDS", 600u64)?.max(5),
+            ),
+            dispatch_pause: Duration::from_millis(parse_num(
+                &get,
+                "GATEWAY_TEST_DISPATCH_PAUSE_MS",
+                0u64,
+            )?),
         };
 
         Ok(Config {
@@ -271,7 +310,9 @@ impl Config {
 
     /// `SITE_HOST`, or the URL of the address the API actually bound.
     pub fn site_host_or(&self, bound: SocketAddr) -> String {
-        self.site_host.clone().unwrap_or_else(|| format!("http://{bound}"))
+        self.site_host
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"))
     }
 }
 
@@ -306,9 +347,12 @@ fn mock_tokens(get: &impl Fn(&str) -> Option<String>) -> Result<AuthMechanism, C
     let mut tokens = BTreeMap::new();
     if let Some(list) = get("SETTINGS_AUTH_MOCK_TOKENS") {
         for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (token, user) = pair
-                .split_once('=')
-                .ok_or_else(|| invalid("SETTINGS_AUTH_MOCK_TOKENS", "expected token=user,token=user"))?;
+            let (token, user) = pair.split_once('=').ok_or_else(|| {
+                invalid(
+                    "SETTINGS_AUTH_MOCK_TOKENS",
+                    "expected token=user,token=user",
+                )
+            })?;
             let (token, user) = (token.trim(), user.trim());
             if token.is_empty() || !crate::domain::valid_username(user) {
                 return Err(invalid(
@@ -322,18 +366,27 @@ fn mock_tokens(get: &impl Fn(&str) -> Option<String>) -> Result<AuthMechanism, C
     let single = get("SETTINGS_AUTH_MOCK_TOKEN");
     let embedded = get("DATABASE_URL").is_none() && get("DATABASE_HOST").is_none();
     if single.is_some() || (tokens.is_empty() && !embedded) {
-        tokens.insert(single.unwrap_or_else(|| DEFAULT_MOCK_TOKEN.into()), "mockuser".into());
+        tokens.insert(
+            single.unwrap_or_else(|| DEFAULT_MOCK_TOKEN.into()),
+            "mockuser".into(),
+        );
     }
     Ok(AuthMechanism::MockToken { tokens })
 }
 
-fn parse_bool_opt(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<Option<bool>, ConfigError> {
+fn parse_bool_opt(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<bool>, ConfigError> {
     match get(name) {
         None => Ok(None),
         Some(v) => match v.trim().to_ascii_lowercase().as_str() {
             "1" | "true" => Ok(Some(true)),
             "0" | "false" => Ok(Some(false)),
-            _ => Err(invalid(name, format!("'{v}' is not a boolean (1, 0, true, false)"))),
+            _ => Err(invalid(
+                name,
+                format!("'{v}' is not a boolean (1, 0, true, false)"),
+            )),
         },
     }
 }
@@ -357,10 +410,20 @@ fn absolute(path: PathBuf) -> Result<PathBuf, String> {
     std::path::absolute(&path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))
 }
 
+/// A URL fit for messages and logs: credentials are dropped.
+pub fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://{}", &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
 fn url_escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -369,49 +432,189 @@ fn url_escape(s: &str) -> String {
 /// Every variable the gateway reads: (name, default, meaning). README's
 /// configuration table and `compose.yaml` are checked against this list.
 pub const VARIABLES: &[(&str, &str, &str)] = &[
-    ("DATABASE_URL", "unset", "Postgres URL; with REDIS_URL selects the distributed gateway"),
-    ("DATABASE_HOST", "unset", "Postgres host (the original's form; used when DATABASE_URL is unset)"),
+    (
+        "DATABASE_URL",
+        "unset",
+        "Postgres URL; with REDIS_URL selects the distributed gateway",
+    ),
+    (
+        "DATABASE_HOST",
+        "unset",
+        "Postgres host (the original's form; used when DATABASE_URL is unset)",
+    ),
     ("DATABASE_PORT", "5432", "Postgres port"),
     ("DATABASE_NAME", "serverlessdb", "Postgres database"),
     ("DATABASE_USER", "serverlessuser", "Postgres user"),
-    ("DATABASE_PASSWORD", "serverlesspassword", "Postgres password"),
-    ("REDIS_URL", "unset", "Redis URL for the queue and the slot leases"),
-    ("GATEWAY_REDIS_PREFIX", "qsgw", "prefix of every Redis key the gateway writes"),
+    (
+        "DATABASE_PASSWORD",
+        "serverlesspassword",
+        "Postgres password",
+    ),
+    (
+        "REDIS_URL",
+        "unset",
+        "Redis URL for the queue and the slot leases",
+    ),
+    (
+        "GATEWAY_REDIS_PREFIX",
+        "qsgw",
+        "prefix of every Redis key the gateway writes",
+    ),
     ("GATEWAY_LISTEN", "127.0.0.1:8000", "address the API binds"),
-    ("SITE_HOST", "http:// + the bound address", "public URL of the gateway, injected into jobs as ENV_JOB_GATEWAY_HOST"),
-    ("GATEWAY_DATA_DIR", "./data", "data dir (arguments and result files), shared with the Ray node"),
-    ("RAY_DATA_PATH", "GATEWAY_DATA_DIR", "the same dir as the Ray node sees it"),
-    ("SETTINGS_AUTH_MECHANISM", "mock_token (embedded), default (Postgres)", "mock_token, default (Keycloak) or custom_token"),
-    ("SETTINGS_AUTH_MOCK_TOKEN", "awesome_token", "static bearer token of user mockuser (refused off loopback unless DEBUG=1)"),
-    ("SETTINGS_AUTH_MOCK_TOKENS", "unset", "more tokens: token1=user1,token2=user2"),
-    ("GATEWAY_SECRET_KEY", "required with Postgres unless DEBUG=1", "key that encrypts job tokens and function env vars at rest (also read as DJANGO_SECRET_KEY)"),
-    ("DJANGO_SECRET_KEY", "unset", "the original's name for GATEWAY_SECRET_KEY"),
+    (
+        "SITE_HOST",
+        "http:// + the bound address",
+        "public URL of the gateway, injected into jobs as ENV_JOB_GATEWAY_HOST",
+    ),
+    (
+        "GATEWAY_DATA_DIR",
+        "./data",
+        "data dir (arguments and result files), shared with the Ray node",
+    ),
+    (
+        "RAY_DATA_PATH",
+        "GATEWAY_DATA_DIR",
+        "the same dir as the Ray node sees it",
+    ),
+    (
+        "SETTINGS_AUTH_MECHANISM",
+        "mock_token (embedded), default (Postgres)",
+        "mock_token, default (Keycloak) or custom_token",
+    ),
+    (
+        "SETTINGS_AUTH_MOCK_TOKEN",
+        "awesome_token",
+        "static bearer token of user mockuser (refused off loopback unless DEBUG=1)",
+    ),
+    (
+        "SETTINGS_AUTH_MOCK_TOKENS",
+        "unset",
+        "more tokens: token1=user1,token2=user2",
+    ),
+    (
+        "GATEWAY_SECRET_KEY",
+        "required with Postgres unless DEBUG=1",
+        "key that encrypts job tokens and function env vars at rest (also read as DJANGO_SECRET_KEY)",
+    ),
+    (
+        "DJANGO_SECRET_KEY",
+        "unset",
+        "the original's name for GATEWAY_SECRET_KEY",
+    ),
     ("DEBUG", "0", "debug logging and development defaults"),
     ("LOG_FORMAT", "simple", "json for JSON log lines"),
     ("VERSION", "the crate version", "served at /version/"),
     ("LIMITS_JOBS_PER_USER", "2", "PENDING+RUNNING jobs per user"),
-    ("LIMITS_MAX_CLUSTERS", "6", "clusters alive at once; in local mode, concurrent jobs on the head"),
-    ("LIMITS_ACTIVE_JOBS_PER_USER", "50", "QUEUED+PENDING+RUNNING jobs per user, checked at run (429)"),
-    ("RAY_CLUSTER_MODE_LOCAL", "0", "1: one existing Ray head; 0: clusters through KubeRay"),
-    ("RAY_CLUSTER_MODE_LOCAL_HOST", "http://localhost:8265", "dashboard URL of the local head (then RAY_LOCAL_HOST, then RAY_HOST)"),
-    ("RAY_LOCAL_HOST", "unset", "alias of RAY_CLUSTER_MODE_LOCAL_HOST"),
-    ("RAY_HOST", "unset", "lowest-precedence alias of RAY_CLUSTER_MODE_LOCAL_HOST"),
-    ("RAY_KUBERAY_NAMESPACE", "qiskit-serverless", "namespace of RayCluster resources"),
-    ("RAY_NODE_IMAGE", "icr.io/quantum-public/qiskit-serverless/ray-node:0.37.0", "image of created Ray nodes"),
-    ("RAY_CLUSTER_MAX_READINESS_TIME", "480", "seconds a new cluster may take to become ready"),
-    ("FUNCTIONS_LOGS_SIZE_LIMIT", "52428800", "bytes of a job's log kept (the tail, with a marker)"),
-    ("GATEWAY_MAX_ARTIFACT_BYTES", "104857600", "largest accepted artifact (413 above)"),
-    ("GATEWAY_MAX_ARGUMENTS_BYTES", "1048576", "largest accepted arguments (413 above)"),
-    ("GATEWAY_PYTHON", "python3", "interpreter of the embedded gateway's local runner"),
-    ("GATEWAY_WORKER_CONCURRENCY", "16", "dispatches handled at once per worker process"),
-    ("GATEWAY_QUEUE_HEARTBEAT_MS", "1000", "queue heartbeat; a dead worker's task returns after heartbeat x missed heartbeats"),
-    ("GATEWAY_QUEUE_MISSED_HEARTBEATS", "3", "missed heartbeats before a worker counts as dead"),
-    ("GATEWAY_TRACK_INTERVAL_MS", "150", "how often running jobs are looked at on Ray"),
-    ("GATEWAY_LEASE_TTL_SECONDS", "30", "lifetime of a slot lease (renewed by its holder)"),
-    ("GATEWAY_CLAIM_TTL_SECONDS", "5", "lifetime of a dispatch claim (renewed during slow steps)"),
-    ("GATEWAY_RECONCILE_INTERVAL_MS", "1000", "period of the sweep that re-wakes queued jobs"),
-    ("GATEWAY_RAY_JOB_RETENTION_SECONDS", "600", "how long an ended job stays in Ray's job table (its env holds the job's token) before it is deleted there"),
-    ("GATEWAY_TEST_DISPATCH_PAUSE_MS", "0", "test hook: a pause inside dispatch; never set in production"),
+    (
+        "LIMITS_MAX_CLUSTERS",
+        "6",
+        "clusters alive at once; in local mode, concurrent jobs on the head",
+    ),
+    (
+        "LIMITS_ACTIVE_JOBS_PER_USER",
+        "50",
+        "QUEUED+PENDING+RUNNING jobs per user, checked at run (429)",
+    ),
+    (
+        "RAY_CLUSTER_MODE_LOCAL",
+        "0",
+        "1: one existing Ray head; 0: clusters through KubeRay",
+    ),
+    (
+        "RAY_CLUSTER_MODE_LOCAL_HOST",
+        "http://localhost:8265",
+        "dashboard URL of the local head (then RAY_LOCAL_HOST, then RAY_HOST)",
+    ),
+    (
+        "RAY_LOCAL_HOST",
+        "unset",
+        "alias of RAY_CLUSTER_MODE_LOCAL_HOST",
+    ),
+    (
+        "RAY_HOST",
+        "unset",
+        "lowest-precedence alias of RAY_CLUSTER_MODE_LOCAL_HOST",
+    ),
+    (
+        "RAY_KUBERAY_NAMESPACE",
+        "qiskit-serverless",
+        "namespace of RayCluster resources",
+    ),
+    (
+        "RAY_NODE_IMAGE",
+        "icr.io/quantum-public/qiskit-serverless/ray-node:0.37.0",
+        "image of created Ray nodes",
+    ),
+    (
+        "RAY_CLUSTER_MAX_READINESS_TIME",
+        "480",
+        "seconds a new cluster may take to become ready",
+    ),
+    (
+        "FUNCTIONS_LOGS_SIZE_LIMIT",
+        "52428800",
+        "bytes of a job's log kept (the tail, with a marker)",
+    ),
+    (
+        "GATEWAY_MAX_ARTIFACT_BYTES",
+        "104857600",
+        "largest accepted artifact (413 above)",
+    ),
+    (
+        "GATEWAY_MAX_ARGUMENTS_BYTES",
+        "1048576",
+        "largest accepted arguments (413 above)",
+    ),
+    (
+        "GATEWAY_PYTHON",
+        "python3",
+        "interpreter of the embedded gateway's local runner",
+    ),
+    (
+        "GATEWAY_WORKER_CONCURRENCY",
+        "16",
+        "dispatches handled at once per worker process",
+    ),
+    (
+        "GATEWAY_QUEUE_HEARTBEAT_MS",
+        "1000",
+        "queue heartbeat; a dead worker's task returns after heartbeat x missed heartbeats",
+    ),
+    (
+        "GATEWAY_QUEUE_MISSED_HEARTBEATS",
+        "3",
+        "missed heartbeats before a worker counts as dead",
+    ),
+    (
+        "GATEWAY_TRACK_INTERVAL_MS",
+        "150",
+        "how often running jobs are looked at on Ray",
+    ),
+    (
+        "GATEWAY_LEASE_TTL_SECONDS",
+        "30",
+        "lifetime of a slot lease (renewed by its holder)",
+    ),
+    (
+        "GATEWAY_CLAIM_TTL_SECONDS",
+        "5",
+        "lifetime of a dispatch claim (renewed during slow steps)",
+    ),
+    (
+        "GATEWAY_RECONCILE_INTERVAL_MS",
+        "1000",
+        "period of the sweep that re-wakes queued jobs",
+    ),
+    (
+        "GATEWAY_RAY_JOB_RETENTION_SECONDS",
+        "600",
+        "how long an ended job stays in Ray's job table (its env holds the job's token) before it is deleted there",
+    ),
+    (
+        "GATEWAY_TEST_DISPATCH_PAUSE_MS",
+        "0",
+        "test hook: a pause inside dispatch; never set in production",
+    ),
 ];
 
 #[cfg(test)]
@@ -420,7 +623,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -429,13 +635,24 @@ mod tests {
         let c = cfg(&[]).unwrap();
         assert_eq!(c.backend, Backend::Embedded);
         assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
-        assert_eq!(c.limits, Limits { jobs_per_user: 2, max_clusters: 6, active_jobs_per_user: 50 });
+        assert_eq!(
+            c.limits,
+            Limits {
+                jobs_per_user: 2,
+                max_clusters: 6,
+                active_jobs_per_user: 50
+            }
+        );
         // No token configured: one is generated at start, never the well-known default.
         assert!(matches!(c.auth, AuthMechanism::MockToken { ref tokens } if tokens.is_empty()));
         assert!(c.generate_token);
         assert_eq!(c.runner, RunnerKind::LocalProcess);
         assert!(c.data_dir.is_absolute());
-        let c = cfg(&[("RAY_CLUSTER_MODE_LOCAL_HOST", "http://ray:8265"), ("SETTINGS_AUTH_MOCK_TOKEN", "t")]).unwrap();
+        let c = cfg(&[
+            ("RAY_CLUSTER_MODE_LOCAL_HOST", "http://ray:8265"),
+            ("SETTINGS_AUTH_MOCK_TOKEN", "t"),
+        ])
+        .unwrap();
         assert_eq!(c.runner, RunnerKind::Ray);
         assert!(!c.generate_token);
     }
@@ -477,7 +694,12 @@ mod tests {
             ("SETTINGS_AUTH_MECHANISM", "mock_token"),
             ("RAY_CLUSTER_MODE_LOCAL", "1"),
         ];
-        assert!(cfg(&base).unwrap_err().to_string().contains("GATEWAY_SECRET_KEY"));
+        assert!(
+            cfg(&base)
+                .unwrap_err()
+                .to_string()
+                .contains("GATEWAY_SECRET_KEY")
+        );
         let mut with_key = base.to_vec();
         with_key.push(("DJANGO_SECRET_KEY", "k"));
         assert_eq!(cfg(&with_key).unwrap().secret_key.as_deref(), Some("k"));
@@ -485,46 +707,102 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        assert!(cfg(&[("RAY_CLUSTER_MODE_LOCAL", "yes")]).unwrap_err().to_string().starts_with("RAY_CLUSTER_MODE_LOCAL"));
-        assert!(cfg(&[("LIMITS_JOBS_PER_USER", "-1")]).unwrap_err().to_string().starts_with("LIMITS_JOBS_PER_USER"));
-        assert!(cfg(&[("GATEWAY_LISTEN", "nope")]).unwrap_err().to_string().starts_with("GATEWAY_LISTEN"));
+        assert!(
+            cfg(&[("RAY_CLUSTER_MODE_LOCAL", "yes")])
+                .unwrap_err()
+                .to_string()
+                .starts_with("RAY_CLUSTER_MODE_LOCAL")
+        );
+        assert!(
+            cfg(&[("LIMITS_JOBS_PER_USER", "-1")])
+                .unwrap_err()
+                .to_string()
+                .starts_with("LIMITS_JOBS_PER_USER")
+        );
+        assert!(
+            cfg(&[("GATEWAY_LISTEN", "nope")])
+                .unwrap_err()
+                .to_string()
+                .starts_with("GATEWAY_LISTEN")
+        );
         assert!(cfg(&[("SETTINGS_AUTH_MECHANISM", "magic")]).is_err());
     }
 
     #[test]
     fn every_variable_read_is_documented_and_every_documented_one_is_read() {
         let source = include_str!("config.rs");
-        let code = source.split("pub const VARIABLES").next().unwrap_or_default();
+        let code = source
+            .split("pub const VARIABLES")
+            .next()
+            .unwrap_or_default();
         let mut read = std::collections::BTreeSet::new();
         for pattern in ["get(\"", "parse_num(&get, \"", "parse_bool_opt(&get, \""] {
             for piece in code.split(pattern).skip(1) {
-                let name: String = piece.chars().take_while(|c| c.is_ascii_uppercase() || *c == '_').collect();
+                let name: String = piece
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                    .collect();
                 if !name.is_empty() {
                     read.insert(name);
                 }
             }
         }
-        let listed: std::collections::BTreeSet<String> = VARIABLES.iter().map(|(n, _, _)| n.to_string()).collect();
+        let listed: std::collections::BTreeSet<String> =
+            VARIABLES.iter().map(|(n, _, _)| n.to_string()).collect();
         assert_eq!(read, listed);
+    }
+
+    #[test]
+    fn redacted_urls_hide_credentials() {
+        assert_eq!(
+            redact_url("postgres://u:p@ss@db:5432/x"),
+            "postgres://db:5432/x"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
     }
 
     #[test]
     fn ray_host_precedence() {
         let c = cfg(&[("RAY_HOST", "http://a"), ("RAY_LOCAL_HOST", "http://b/")]).unwrap();
         assert_eq!(c.ray.local_host, "http://b");
-        let c = cfg(&[("RAY_HOST", "http://a"), ("RAY_CLUSTER_MODE_LOCAL_HOST", "http://c")]).unwrap();
+        let c = cfg(&[
+            ("RAY_HOST", "http://a"),
+            ("RAY_CLUSTER_MODE_LOCAL_HOST", "http://c"),
+        ])
+        .unwrap();
         assert_eq!(c.ray.local_host, "http://c");
     }
 
     #[test]
     fn mock_tokens_map_several_users_and_the_default_token_needs_loopback() {
-        let c = cfg(&[("SETTINGS_AUTH_MOCK_TOKENS", "t1=alice, t2=bob"), ("SETTINGS_AUTH_MOCK_TOKEN", "main")]).unwrap();
-        let AuthMechanism::MockToken { tokens } = c.auth else { panic!("mock auth expected") };
+        let c = cfg(&[
+            ("SETTINGS_AUTH_MOCK_TOKENS", "t1=alice, t2=bob"),
+            ("SETTINGS_AUTH_MOCK_TOKEN", "main"),
+        ])
+        .unwrap();
+        let AuthMechanism::MockToken { tokens } = c.auth else {
+            panic!("mock auth expected")
+        };
         assert_eq!(tokens.get("t1").unwrap(), "alice");
         assert_eq!(tokens.get("t2").unwrap(), "bob");
         assert_eq!(tokens.get("main").unwrap(), "mockuser");
         assert!(!tokens.contains_key("awesome_token"));
-        assert!(cfg(&[("GATEWAY_LISTEN", "0.0.0.0:8000"), ("SETTINGS_AUTH_MOCK_TOKEN", "awesome_token")]).is_err());
-        assert!(cfg(&[("GATEWAY_LISTEN", "0.0.0.0:8000"), ("SETTINGS_AUTH_MOCK_TOKEN", "s3cret")]).is_ok());
+        assert!(
+            cfg(&[
+                ("GATEWAY_LISTEN", "0.0.0.0:8000"),
+                ("SETTINGS_AUTH_MOCK_TOKEN", "awesome_token")
+            ])
+            .is_err()
+        );
+        assert!(
+            cfg(&[
+                ("GATEWAY_LISTEN", "0.0.0.0:8000"),
+                ("SETTINGS_AUTH_MOCK_TOKEN", "s3cret")
+            ])
+            .is_ok()
+        );
     }
 }

@@ -50,7 +50,10 @@ impl JobStatus {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Stopped)
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Stopped
+        )
     }
 
     /// Checks a move. A fast job may finish between two looks, so PENDING can
@@ -63,7 +66,11 @@ impl JobStatus {
             Running => matches!(to, Succeeded | Failed | Stopped),
             Succeeded | Failed | Stopped => false,
         };
-        if allowed { Ok(to) } else { Err(IllegalTransition { from: self, to }) }
+        if allowed {
+            Ok(to)
+        } else {
+            Err(IllegalTransition { from: self, to })
+        }
     }
 }
 
@@ -166,12 +173,16 @@ pub fn valid_username(name: &str) -> bool {
         && name.len() <= 150
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
 }
 
 /// Function titles as the original sanitises them: `[A-Za-z0-9_-/]`.
 pub fn sanitize_title(raw: &str) -> String {
-    raw.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/')).collect()
+    raw.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/'))
+        .collect()
 }
 
 #[cfg(test)]
@@ -225,7 +236,10 @@ mod tests {
     fn sub_status_values() {
         assert_eq!(SubStatus::parse("WAITING_QPU"), Some(SubStatus::WaitingQpu));
         assert_eq!(SubStatus::parse("waiting_qpu"), None);
-        assert_eq!(SubStatus::parse("OPTIMIZING_HARDWARE").unwrap().as_str(), "OPTIMIZING_HARDWARE");
+        assert_eq!(
+            SubStatus::parse("OPTIMIZING_HARDWARE").unwrap().as_str(),
+            "OPTIMIZING_HARDWARE"
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ pub struct JobSecrets {
 
 impl std::fmt::Debug for JobSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobSecrets").field("channel", &self.channel).finish_non_exhaustive()
+        f.debug_struct("JobSecrets")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
     }
 }
 
@@ -48,11 +50,15 @@ pub fn user_data_dir(root: &Path, username: &str) -> std::path::PathBuf {
 }
 
 pub fn arguments_file(root: &Path, username: &str, job_id: Uuid) -> std::path::PathBuf {
-    user_data_dir(root, username).join("arguments").join(format!("{job_id}.json"))
+    user_data_dir(root, username)
+        .join("arguments")
+        .join(format!("{job_id}.json"))
 }
 
 pub fn results_file(root: &Path, username: &str, job_id: Uuid) -> std::path::PathBuf {
-    user_data_dir(root, username).join("results").join(format!("{job_id}.json"))
+    user_data_dir(root, username)
+        .join("results")
+        .join(format!("{job_id}.json"))
 }
 
 /// The job's environment. System variables win over the function's own
@@ -67,7 +73,11 @@ pub fn build_env(
 ) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = function_env.clone();
     let data_path = user_data_dir(ray_data_root, username);
-    let args_env = if arguments.len() <= ENV_ARGUMENTS_MAX { arguments.to_string() } else { "{}".to_string() };
+    let args_env = if arguments.len() <= ENV_ARGUMENTS_MAX {
+        arguments.to_string()
+    } else {
+        "{}".to_string()
+    };
     let system = [
         ("ENV_JOB_GATEWAY_TOKEN", secrets.token.clone()),
         ("ENV_JOB_GATEWAY_HOST", secrets.gateway_host.clone()),
@@ -75,8 +85,18 @@ pub fn build_env(
         ("ENV_JOB_ARGUMENTS", args_env),
         ("ENV_ACCESS_TRIAL", "False".to_string()),
         ("DATA_PATH", data_path.display().to_string()),
-        ("ARGUMENTS_PATH", arguments_file(ray_data_root, username, job_id).display().to_string()),
-        ("RESULTS_PATH", results_file(ray_data_root, username, job_id).display().to_string()),
+        (
+            "ARGUMENTS_PATH",
+            arguments_file(ray_data_root, username, job_id)
+                .display()
+                .to_string(),
+        ),
+        (
+            "RESULTS_PATH",
+            results_file(ray_data_root, username, job_id)
+                .display()
+                .to_string(),
+        ),
         ("QISKIT_IBM_TOKEN", secrets.token.clone()),
         ("QISKIT_IBM_CHANNEL", secrets.channel.clone()),
     ];
@@ -95,29 +115,57 @@ mod tests {
     use super::*;
 
     fn secrets() -> JobSecrets {
-        JobSecrets { token: "tok".into(), channel: "local".into(), instance: None, gateway_host: "http://gw".into() }
+        JobSecrets {
+            token: "tok".into(),
+            channel: "local".into(),
+            instance: None,
+            gateway_host: "http://gw".into(),
+        }
     }
 
     #[test]
     fn system_variables_win_and_paths_are_per_user() {
         let id = Uuid::nil();
         let mut f = BTreeMap::new();
-        f.insert("ENV_JOB_GATEWAY_HOST".to_string(), "http://evil".to_string());
+        f.insert(
+            "ENV_JOB_GATEWAY_HOST".to_string(),
+            "http://evil".to_string(),
+        );
         f.insert("MY_VAR".to_string(), "1".to_string());
-        let env = build_env(id, "alice", "{\"a\": 1}", &secrets(), Path::new("/data"), &f);
+        let env = build_env(
+            id,
+            "alice",
+            "{\"a\": 1}",
+            &secrets(),
+            Path::new("/data"),
+            &f,
+        );
         assert_eq!(env["ENV_JOB_GATEWAY_HOST"], "http://gw");
         assert_eq!(env["MY_VAR"], "1");
         assert_eq!(env["ENV_JOB_ARGUMENTS"], "{\"a\": 1}");
         assert_eq!(env["DATA_PATH"], "/data/alice");
-        assert_eq!(env["ARGUMENTS_PATH"], format!("/data/alice/arguments/{id}.json"));
-        assert_eq!(env["RESULTS_PATH"], format!("/data/alice/results/{id}.json"));
+        assert_eq!(
+            env["ARGUMENTS_PATH"],
+            format!("/data/alice/arguments/{id}.json")
+        );
+        assert_eq!(
+            env["RESULTS_PATH"],
+            format!("/data/alice/results/{id}.json")
+        );
         assert!(!env.contains_key("ENV_JOB_GATEWAY_INSTANCE"));
     }
 
     #[test]
     fn large_arguments_stay_out_of_the_environment() {
         let big = format!("\"{}\"", "x".repeat(ENV_ARGUMENTS_MAX + 1));
-        let env = build_env(Uuid::nil(), "a", &big, &secrets(), Path::new("/d"), &BTreeMap::new());
+        let env = build_env(
+            Uuid::nil(),
+            "a",
+            &big,
+            &secrets(),
+            Path::new("/d"),
+            &BTreeMap::new(),
+        );
         assert_eq!(env["ENV_JOB_ARGUMENTS"], "{}");
     }
 

@@ -55,3 +55,37 @@ pub fn process_start(binary: &str) -> Result<config::Config, std::process::ExitC
         }
     }
 }
+
+/// One line for an error and its causes, without the repetition of causes
+/// whose text their wrapper already quotes (sqlx and redis errors do).
+pub fn describe_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod describe_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Outer(#[source] Inner);
+    #[derive(Debug, thiserror::Error)]
+    #[error("database \"x\" does not exist")]
+    struct Inner;
+
+    #[test]
+    fn repeated_causes_are_said_once() {
+        assert_eq!(
+            super::describe_error(&Outer(Inner)),
+            "outer: database \"x\" does not exist"
+        );
+    }
+}

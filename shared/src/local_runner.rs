@@ -25,7 +25,16 @@ pub const LOCAL_HOST: &str = "local";
 
 /// Variables of the gateway's own environment a function may see; anything
 /// else (database URLs, secret keys) is withheld.
-const INHERITED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH", "USER"];
+const INHERITED: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "USER",
+];
 
 /// Grace between SIGTERM and SIGKILL on stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -33,13 +42,19 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum LocalRunError {
     #[error("local runner I/O on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the artifact cannot be used: {0}")]
     Artifact(#[from] artifact::ArtifactError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LocalRunError + '_ {
-    move |source| LocalRunError::Io { path: path.display().to_string(), source }
+    move |source| LocalRunError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +65,10 @@ pub struct LocalRunner {
 
 impl LocalRunner {
     pub fn new(data_dir: &Path, python: &str) -> Self {
-        LocalRunner { root: data_dir.join("jobs"), python: python.to_string() }
+        LocalRunner {
+            root: data_dir.join("jobs"),
+            python: python.to_string(),
+        }
     }
 
     pub fn job_dir(&self, id: Uuid) -> PathBuf {
@@ -62,7 +80,12 @@ impl LocalRunner {
     }
 
     /// Unpacks the working dir once; a repeated call (a redelivered job) keeps it.
-    pub async fn prepare(&self, id: Uuid, tar: Vec<u8>, limits: ArtifactLimits) -> Result<(), LocalRunError> {
+    pub async fn prepare(
+        &self,
+        id: Uuid,
+        tar: Vec<u8>,
+        limits: ArtifactLimits,
+    ) -> Result<(), LocalRunError> {
         let dir = self.job_dir(id);
         let work = dir.join("work");
         let ready = dir.join("prepared");
@@ -79,7 +102,10 @@ impl LocalRunner {
             Ok(())
         })
         .await
-        .map_err(|e| LocalRunError::Io { path: dir.display().to_string(), source: std::io::Error::other(e) })?
+        .map_err(|e| LocalRunError::Io {
+            path: dir.display().to_string(),
+            source: std::io::Error::other(e),
+        })?
     }
 
     /// Starts the function unless it was started already.
@@ -107,7 +133,11 @@ impl LocalRunner {
         }
         std::fs::write(&spawning, b"").map_err(io(&spawning))?;
         let log_path = self.log_file(id);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(&log_path))?;
         let log_err = log.try_clone().map_err(io(&log_path))?;
         // $0 names the job so a pid found later can be matched to it.
         let script = r#"echo "$$" > ../pid.tmp && mv ../pid.tmp ../pid && "$@"; echo "$?" > ../exit.tmp && mv ../exit.tmp ../exit_code"#;
@@ -143,39 +173,71 @@ impl LocalRunner {
         let dir = self.job_dir(id);
         let spawning = dir.join("spawning");
         let started = modified_ms(&spawning);
-        let info = |status, message: Option<String>, end: Option<i64>, code: Option<i32>| RayJobInfo {
-            status,
-            message,
-            start_time_ms: started,
-            end_time_ms: end,
-            driver_exit_code: code,
-        };
+        let info =
+            |status, message: Option<String>, end: Option<i64>, code: Option<i32>| RayJobInfo {
+                status,
+                message,
+                start_time_ms: started,
+                end_time_ms: end,
+                driver_exit_code: code,
+            };
         let exit_file = dir.join("exit_code");
         if let Some(code) = read_exit_code(&exit_file) {
             let (status, message) = if code == 0 {
                 (RayJobStatus::Succeeded, None)
             } else {
-                (RayJobStatus::Failed, Some(format!("The function exited with code {code}.")))
+                (
+                    RayJobStatus::Failed,
+                    Some(format!("The function exited with code {code}.")),
+                )
             };
-            return Ok(Some(info(status, message, modified_ms(&exit_file), Some(code))));
+            return Ok(Some(info(
+                status,
+                message,
+                modified_ms(&exit_file),
+                Some(code),
+            )));
         }
         match read_pid(&dir.join("pid")) {
-            Some(pid) if wrapper_alive(pid, id) => Ok(Some(info(RayJobStatus::Running, None, None, None))),
+            Some(pid) if wrapper_alive(pid, id) => {
+                Ok(Some(info(RayJobStatus::Running, None, None, None)))
+            }
             Some(_) => {
                 // It may have just written its exit code.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 if let Some(code) = read_exit_code(&exit_file) {
-                    let status = if code == 0 { RayJobStatus::Succeeded } else { RayJobStatus::Failed };
-                    return Ok(Some(info(status, None, modified_ms(&exit_file), Some(code))));
+                    let status = if code == 0 {
+                        RayJobStatus::Succeeded
+                    } else {
+                        RayJobStatus::Failed
+                    };
+                    return Ok(Some(info(
+                        status,
+                        None,
+                        modified_ms(&exit_file),
+                        Some(code),
+                    )));
                 }
-                let message = "The function's process ended without an exit status (it was killed).".to_string();
-                Ok(Some(info(RayJobStatus::Failed, Some(message), Some(now_ms()), None)))
+                let message =
+                    "The function's process ended without an exit status (it was killed)."
+                        .to_string();
+                Ok(Some(info(
+                    RayJobStatus::Failed,
+                    Some(message),
+                    Some(now_ms()),
+                    None,
+                )))
             }
             None if spawning.exists() => {
                 let age = started.map(|s| now_ms() - s).unwrap_or(0);
                 if age > 10_000 {
                     let message = "The function's process never started.".to_string();
-                    Ok(Some(info(RayJobStatus::Failed, Some(message), Some(now_ms()), None)))
+                    Ok(Some(info(
+                        RayJobStatus::Failed,
+                        Some(message),
+                        Some(now_ms()),
+                        None,
+                    )))
                 } else {
                     Ok(Some(info(RayJobStatus::Pending, None, None, None)))
                 }
@@ -189,13 +251,18 @@ impl LocalRunner {
         match crate::logs::tail_file(&path, max_bytes) {
             Ok(text) => Ok(text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-            Err(e) => Err(LocalRunError::Io { path: path.display().to_string(), source: e }),
+            Err(e) => Err(LocalRunError::Io {
+                path: path.display().to_string(),
+                source: e,
+            }),
         }
     }
 
     /// Ends the whole process group: SIGTERM, then SIGKILL after a grace.
     pub async fn stop(&self, id: Uuid) -> Result<bool, LocalRunError> {
-        let Some(pid) = read_pid(&self.job_dir(id).join("pid")) else { return Ok(false) };
+        let Some(pid) = read_pid(&self.job_dir(id).join("pid")) else {
+            return Ok(false);
+        };
         if !wrapper_alive(pid, id) {
             return Ok(false);
         }
@@ -229,21 +296,31 @@ fn modified_ms(path: &Path) -> Option<i64> {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// The pid is alive and is this job's wrapper (not a reused pid).
 fn wrapper_alive(pid: i32, id: Uuid) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     let marker = format!("qsgw-job-{id}");
-    let alive = cmdline.split(|&b| b == 0).any(|arg| arg == marker.as_bytes());
+    let alive = cmdline
+        .split(|&b| b == 0)
+        .any(|arg| arg == marker.as_bytes());
     alive && !is_zombie(pid)
 }
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -296,21 +373,41 @@ mod tests {
         let id = Uuid::new_v4();
         assert!(r.job(id).await.unwrap().is_none());
         let script = "import os\nprint('hi', os.environ['MY'])\nprint('secret?', os.environ.get('GATEWAY_SECRET_KEY'))\n";
-        r.prepare(id, tar(&[("main.py", script)]), ArtifactLimits::default()).await.unwrap();
+        r.prepare(id, tar(&[("main.py", script)]), ArtifactLimits::default())
+            .await
+            .unwrap();
         let env = BTreeMap::from([("MY".to_string(), "value".to_string())]);
-        assert!(matches!(r.start(id, "main.py", &env).await.unwrap(), SubmitOutcome::Submitted));
-        assert!(matches!(r.start(id, "main.py", &env).await.unwrap(), SubmitOutcome::AlreadyExists));
+        assert!(matches!(
+            r.start(id, "main.py", &env).await.unwrap(),
+            SubmitOutcome::Submitted
+        ));
+        assert!(matches!(
+            r.start(id, "main.py", &env).await.unwrap(),
+            SubmitOutcome::AlreadyExists
+        ));
         let info = wait_end(&r, id).await;
         assert_eq!(info.status, RayJobStatus::Succeeded);
         let logs = r.logs_tail(id, 1 << 20).await.unwrap();
         assert!(logs.contains("hi value"), "{logs}");
-        assert!(logs.contains("secret? None"), "gateway variables are withheld: {logs}");
+        assert!(
+            logs.contains("secret? None"),
+            "gateway variables are withheld: {logs}"
+        );
 
         let failing = Uuid::new_v4();
-        r.prepare(failing, tar(&[("main.py", "raise SystemExit(3)")]), ArtifactLimits::default()).await.unwrap();
+        r.prepare(
+            failing,
+            tar(&[("main.py", "raise SystemExit(3)")]),
+            ArtifactLimits::default(),
+        )
+        .await
+        .unwrap();
         r.start(failing, "main.py", &BTreeMap::new()).await.unwrap();
         let info = wait_end(&r, failing).await;
-        assert_eq!((info.status, info.driver_exit_code), (RayJobStatus::Failed, Some(3)));
+        assert_eq!(
+            (info.status, info.driver_exit_code),
+            (RayJobStatus::Failed, Some(3))
+        );
     }
 
     #[tokio::test]
@@ -320,7 +417,9 @@ mod tests {
         let id = Uuid::new_v4();
         // The function starts a grandchild; both must end.
         let script = "import subprocess, time\nsubprocess.Popen(['sleep', '300'])\nprint('started', flush=True)\ntime.sleep(300)\n";
-        r.prepare(id, tar(&[("main.py", script)]), ArtifactLimits::default()).await.unwrap();
+        r.prepare(id, tar(&[("main.py", script)]), ArtifactLimits::default())
+            .await
+            .unwrap();
         r.start(id, "main.py", &BTreeMap::new()).await.unwrap();
         for _ in 0..100 {
             if r.logs_tail(id, 1000).await.unwrap().contains("started") {

@@ -10,14 +10,25 @@ use std::path::Path;
 pub fn render_tail(mut bytes: Vec<u8>, truncated: bool) -> String {
     if truncated {
         // Drop the continuation bytes of a character cut at the start.
-        let cut = bytes.iter().take(3).take_while(|&&b| b & 0xC0 == 0x80).count();
+        let cut = bytes
+            .iter()
+            .take(3)
+            .take_while(|&&b| b & 0xC0 == 0x80)
+            .count();
         bytes.drain(..cut);
     }
     let text = match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
     };
-    if truncated { format!("[... log truncated: showing the last {} bytes ...]\n{text}", text.len()) } else { text }
+    if truncated {
+        format!(
+            "[... log truncated: showing the last {} bytes ...]\n{text}",
+            text.len()
+        )
+    } else {
+        text
+    }
 }
 
 /// The last `max_bytes` of a log file, read without loading the rest.

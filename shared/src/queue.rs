@@ -62,7 +62,10 @@ pub fn available_channel(config: &apalis_redis::Config) -> String {
 #[derive(Clone)]
 pub enum DispatchQueue {
     /// apalis over Redis: any number of worker processes.
-    Redis { storage: Box<RedisStorage<Dispatch>>, push_timeout: Duration },
+    Redis {
+        storage: Box<RedisStorage<Dispatch>>,
+        push_timeout: Duration,
+    },
     /// The embedded gateway's in-process channel. Its durability is the job
     /// table itself: QUEUED jobs are re-woken by the reconciler after a restart.
     Local(mpsc::UnboundedSender<Dispatch>),
@@ -80,7 +83,10 @@ impl std::fmt::Debug for DispatchQueue {
 impl DispatchQueue {
     pub fn new(conn: ConnectionManager, prefix: &str, tuning: &WorkerTuning) -> Self {
         let storage = RedisStorage::new(conn).with_config(apalis_config(prefix, tuning));
-        DispatchQueue::Redis { storage: Box::new(storage), push_timeout: Duration::from_millis(1500) }
+        DispatchQueue::Redis {
+            storage: Box::new(storage),
+            push_timeout: Duration::from_millis(1500),
+        }
     }
 
     /// An in-process queue and the receiving end its worker reads.
@@ -93,10 +99,14 @@ impl DispatchQueue {
     /// holds an HTTP request: the reconciler re-pushes what did not get through.
     pub async fn push(&self, job_ids: &[Uuid]) -> Result<(), QueueError> {
         let (storage, push_timeout) = match self {
-            DispatchQueue::Redis { storage, push_timeout } => (storage, *push_timeout),
+            DispatchQueue::Redis {
+                storage,
+                push_timeout,
+            } => (storage, *push_timeout),
             DispatchQueue::Local(tx) => {
                 for &job_id in job_ids {
-                    tx.send(Dispatch { job_id }).map_err(|_| QueueError::Closed)?;
+                    tx.send(Dispatch { job_id })
+                        .map_err(|_| QueueError::Closed)?;
                 }
                 return Ok(());
             }
@@ -105,7 +115,10 @@ impl DispatchQueue {
         let tasks: Vec<Dispatch> = job_ids.iter().map(|&job_id| Dispatch { job_id }).collect();
         let push = async move {
             for task in tasks {
-                storage.push(task).await.map_err(|e| QueueError::Redis(e.to_string()))?;
+                storage
+                    .push(task)
+                    .await
+                    .map_err(|e| QueueError::Redis(e.to_string()))?;
             }
             // apalis-redis files even immediate pushes as scheduled and then
             // announces nothing: announce them so workers fetch at once
@@ -120,7 +133,9 @@ impl DispatchQueue {
                 .map_err(|e| QueueError::Redis(e.to_string()))?;
             Ok(())
         };
-        tokio::time::timeout(push_timeout, push).await.map_err(|_| QueueError::Timeout)?
+        tokio::time::timeout(push_timeout, push)
+            .await
+            .map_err(|_| QueueError::Timeout)?
     }
 }
 
@@ -141,7 +156,9 @@ return deleted
 impl DispatchQueue {
     /// Removes up to `batch` finished wake-ups; returns how many.
     pub async fn vacuum(&self, batch: usize) -> Result<usize, QueueError> {
-        let DispatchQueue::Redis { storage, .. } = self else { return Ok(0) };
+        let DispatchQueue::Redis { storage, .. } = self else {
+            return Ok(0);
+        };
         let mut storage = (**storage).clone();
         let config = storage.get_config().clone();
         let mut conn = storage.get_connection().clone();

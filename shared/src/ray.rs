@@ -314,8 +314,12 @@ impl RayClient {
         }
         // The submission id is no secret (it is also ENV_JOB_ID_GATEWAY) and
         // must stay readable to recognise "already exists".
-        let secrets: Vec<&str> =
-            req.env_vars.values().map(String::as_str).filter(|v| *v != req.submission_id).collect();
+        let secrets: Vec<&str> = req
+            .env_vars
+            .values()
+            .map(String::as_str)
+            .filter(|v| *v != req.submission_id)
+            .collect();
         match http_error(response, &secrets).await {
             RayError::Http { status, body }
                 if (400..600).contains(&status)
@@ -624,7 +628,10 @@ impl LogsTailDecoder {
         }
         let total = self.tail.total;
         let truncated = total > self.tail.buf.len() as u64;
-        Ok((crate::logs::render_tail(self.tail.buf.into(), truncated), total))
+        Ok((
+            crate::logs::render_tail(self.tail.buf.into(), truncated),
+            total,
+        ))
     }
 
     fn step(&mut self, byte: u8) -> Result<(), RayError> {

@@ -34,7 +34,9 @@ const DEBUG_KEY: &str = "qs-gateway-insecure-development-key";
 impl SecretBox {
     pub fn new(secret: &str) -> Self {
         let key = Sha256::digest(secret.as_bytes());
-        SecretBox { cipher: Aes256Gcm::new(&key) }
+        SecretBox {
+            cipher: Aes256Gcm::new(&key),
+        }
     }
 
     /// The configured key, or the fixed development key.
@@ -60,7 +62,9 @@ impl SecretBox {
             return Err(SecretError::Decrypt);
         }
         let (nonce, body) = sealed.split_at(NONCE_LEN);
-        self.cipher.decrypt(Nonce::from_slice(nonce), body).map_err(|_| SecretError::Decrypt)
+        self.cipher
+            .decrypt(Nonce::from_slice(nonce), body)
+            .map_err(|_| SecretError::Decrypt)
     }
 }
 
@@ -76,6 +80,10 @@ mod tests {
         assert_eq!(a.open(&sealed).unwrap(), b"token-123");
         assert!(SecretBox::new("k2").open(&sealed).is_err());
         assert!(a.open(b"short").is_err());
-        assert_ne!(a.seal(b"x").unwrap(), a.seal(b"x").unwrap(), "nonces differ");
+        assert_ne!(
+            a.seal(b"x").unwrap(),
+            a.seal(b"x").unwrap(),
+            "nonces differ"
+        );
     }
 }

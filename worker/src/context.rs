@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use shared::config::Config;
 use shared::limiter::Limiter;
+use shared::local_runner::LocalRunner;
 use shared::queue::DispatchQueue;
 use shared::ray::{RayClient, RayError};
 use shared::secrets::SecretBox;
-use shared::local_runner::LocalRunner;
 use shared::storage::Store;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -77,7 +77,10 @@ impl WorkerCtx {
 
     /// A pooled client per Ray head.
     pub fn ray(&self, host: &str) -> Result<RayClient, RayError> {
-        let mut clients = self.ray_clients.lock().map_err(|_| RayError::Unreachable("client cache poisoned".into()))?;
+        let mut clients = self
+            .ray_clients
+            .lock()
+            .map_err(|_| RayError::Unreachable("client cache poisoned".into()))?;
         if let Some(c) = clients.get(host) {
             return Ok(c.clone());
         }
@@ -87,7 +90,11 @@ impl WorkerCtx {
     }
 
     pub fn cached_package(&self, host: &str, sha: &str) -> Option<String> {
-        self.packages.lock().ok()?.get(&(host.to_string(), sha.to_string())).cloned()
+        self.packages
+            .lock()
+            .ok()?
+            .get(&(host.to_string(), sha.to_string()))
+            .cloned()
     }
 
     pub fn remember_package(&self, host: &str, sha: &str, uri: String) {
@@ -111,7 +118,11 @@ impl WorkerCtx {
     /// Wakes up to `limit` dispatch candidates (only those last woken
     /// longer than `stale` ago, when given). Returns how many were woken.
     pub async fn wake_candidates(&self, stale: Option<Duration>, limit: i64) -> usize {
-        let candidates = match self.store.dispatch_candidates(self.config.limits.jobs_per_user, stale, limit).await {
+        let candidates = match self
+            .store
+            .dispatch_candidates(self.config.limits.jobs_per_user, stale, limit)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "could not pick the next jobs");

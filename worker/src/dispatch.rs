@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use apalis::prelude::{BoxDynError, Data};
 use shared::artifact::{self, ArtifactLimits};
+use shared::config::RunnerKind;
 use shared::domain::JobStatus;
 use shared::jobenv::{self, JobSecrets};
 use shared::limiter::Acquire;
-use shared::queue::Dispatch;
-use shared::config::RunnerKind;
 use shared::local_runner::LOCAL_HOST;
+use shared::queue::Dispatch;
 use shared::ray::{RayError, SubmitOutcome, SubmitRequest};
 use shared::storage::{DispatchJob, StorageError};
 use tracing::Instrument;
@@ -63,14 +63,21 @@ enum Submitted {
 pub async fn handle(task: Dispatch, ctx: Data<Arc<WorkerCtx>>) -> Result<(), BoxDynError> {
     let ctx: Arc<WorkerCtx> = (*ctx).clone();
     let span = tracing::info_span!("dispatch", job_id = %task.job_id, worker = %ctx.name, user = tracing::field::Empty);
-    dispatch(&ctx, task.job_id).instrument(span).await.map_err(|e| Box::new(e) as BoxDynError)
+    dispatch(&ctx, task.job_id)
+        .instrument(span)
+        .await
+        .map_err(|e| Box::new(e) as BoxDynError)
 }
 
 pub async fn dispatch(ctx: &WorkerCtx, job_id: Uuid) -> Result<(), DispatchError> {
     let tuning = &ctx.config.worker;
     // The claim is the only gate: a duplicate wake-up, or one for a job
     // that left QUEUED, ends here.
-    let Some(job) = ctx.store.claim_for_dispatch(job_id, &ctx.name, tuning.claim_ttl).await? else {
+    let Some(job) = ctx
+        .store
+        .claim_for_dispatch(job_id, &ctx.name, tuning.claim_ttl)
+        .await?
+    else {
         return Ok(());
     };
     tracing::Span::current().record("user", job.username.as_str());
@@ -78,7 +85,13 @@ pub async fn dispatch(ctx: &WorkerCtx, job_id: Uuid) -> Result<(), DispatchError
     let limits = &ctx.config.limits;
     let acquired = ctx
         .limiter
-        .acquire(&job.username, &id, limits.jobs_per_user, limits.max_clusters, tuning.lease_ttl)
+        .acquire(
+            &job.username,
+            &id,
+            limits.jobs_per_user,
+            limits.max_clusters,
+            tuning.lease_ttl,
+        )
         .await;
     match acquired {
         Ok(Acquire::Granted) => {}
@@ -127,7 +140,9 @@ pub async fn dispatch(ctx: &WorkerCtx, job_id: Uuid) -> Result<(), DispatchError
             Ok(())
         }
         Err(DispatchError::Transient(reason)) if job.dispatch_attempts >= MAX_DISPATCH_ATTEMPTS => {
-            let reason = format!("The job could not be submitted after {MAX_DISPATCH_ATTEMPTS} attempts: {reason}");
+            let reason = format!(
+                "The job could not be submitted after {MAX_DISPATCH_ATTEMPTS} attempts: {reason}"
+            );
             tracing::warn!(%reason, "giving up");
             ctx.store.fail_queued(job_id, &reason).await?;
             release_all(ctx, &job).await;
@@ -143,7 +158,11 @@ pub async fn dispatch(ctx: &WorkerCtx, job_id: Uuid) -> Result<(), DispatchError
 }
 
 async fn release_all(ctx: &WorkerCtx, job: &DispatchJob) {
-    if let Err(e) = ctx.limiter.release(&job.username, &job.id.to_string()).await {
+    if let Err(e) = ctx
+        .limiter
+        .release(&job.username, &job.id.to_string())
+        .await
+    {
         tracing::warn!(error = %e, "slot release failed; the lease expires on its own");
     }
     if let Err(e) = ctx.store.release_claim(job.id, &ctx.name).await {
@@ -159,7 +178,10 @@ async fn with_claim_renewal<T>(ctx: &WorkerCtx, job_id: Uuid, work: impl Future<
         tick.tick().await;
         loop {
             tick.tick().await;
-            if !matches!(ctx.store.renew_claim(job_id, &ctx.name, ttl).await, Ok(true)) {
+            if !matches!(
+                ctx.store.renew_claim(job_id, &ctx.name, ttl).await,
+                Ok(true)
+            ) {
                 // Lost (stopped, or the claim lapsed): the steps re-check.
                 std::future::pending::<()>().await;
             }
@@ -177,7 +199,12 @@ async fn still_queued(ctx: &WorkerCtx, job_id: Uuid) -> Result<bool, DispatchErr
 
 /// A working dir made ready where the job will run.
 enum Staged {
-    Ray { host: String, head: String, sha: String, working_dir: String },
+    Ray {
+        host: String,
+        head: String,
+        sha: String,
+        working_dir: String,
+    },
     Local,
 }
 
@@ -187,7 +214,10 @@ async fn stage(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Staged, DispatchErr
         .artifact_sha256
         .clone()
         .ok_or_else(|| DispatchError::Permanent("The function has no artifact.".into()))?;
-    let limits = ArtifactLimits { max_bytes: ctx.config.max_artifact_bytes, ..ArtifactLimits::default() };
+    let limits = ArtifactLimits {
+        max_bytes: ctx.config.max_artifact_bytes,
+        ..ArtifactLimits::default()
+    };
     let load = || async {
         ctx.store
             .artifact(&sha)
@@ -197,7 +227,10 @@ async fn stage(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Staged, DispatchErr
     match ctx.config.runner {
         RunnerKind::LocalProcess => {
             let tar = load().await?;
-            ctx.local.prepare(job.id, tar, limits).await.map_err(|e| DispatchError::Permanent(e.to_string()))?;
+            ctx.local
+                .prepare(job.id, tar, limits)
+                .await
+                .map_err(|e| DispatchError::Permanent(e.to_string()))?;
             Ok(Staged::Local)
         }
         RunnerKind::Ray => {
@@ -211,16 +244,26 @@ async fn stage(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Staged, DispatchErr
                 Some(uri) => uri,
                 None => {
                     let tar = load().await?;
-                    let zip = tokio::task::spawn_blocking(move || artifact::tar_to_zip(&tar, &limits))
-                        .await
-                        .map_err(|e| DispatchError::Transient(e.to_string()))?
-                        .map_err(|e| DispatchError::Permanent(format!("The artifact cannot be used: {e}")))?;
+                    let zip =
+                        tokio::task::spawn_blocking(move || artifact::tar_to_zip(&tar, &limits))
+                            .await
+                            .map_err(|e| DispatchError::Transient(e.to_string()))?
+                            .map_err(|e| {
+                                DispatchError::Permanent(format!(
+                                    "The artifact cannot be used: {e}"
+                                ))
+                            })?;
                     let uri = ray.ensure_package(&zip).await?;
                     ctx.remember_package(&head, &sha, uri.clone());
                     uri
                 }
             };
-            Ok(Staged::Ray { host, head, sha, working_dir })
+            Ok(Staged::Ray {
+                host,
+                head,
+                sha,
+                working_dir,
+            })
         }
     }
 }
@@ -242,7 +285,12 @@ async fn launch(
                 .map_err(|e| DispatchError::Transient(e.to_string()))?;
             (outcome, LOCAL_HOST.to_string())
         }
-        Staged::Ray { host, head, sha, working_dir } => {
+        Staged::Ray {
+            host,
+            head,
+            sha,
+            working_dir,
+        } => {
             let request = SubmitRequest {
                 submission_id: job.id.to_string(),
                 entrypoint: format!("python {}", job.entrypoint),
@@ -275,18 +323,34 @@ async fn launch(
 async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, DispatchError> {
     let staged = stage(ctx, job).await?;
     let secrets = match &job.env_sealed {
-        Some(sealed) => JobSecrets::open(sealed, &ctx.secrets).map_err(|e| DispatchError::Permanent(e.to_string()))?,
-        None => return Err(DispatchError::Permanent("The job's credentials are gone.".into())),
+        Some(sealed) => JobSecrets::open(sealed, &ctx.secrets)
+            .map_err(|e| DispatchError::Permanent(e.to_string()))?,
+        None => {
+            return Err(DispatchError::Permanent(
+                "The job's credentials are gone.".into(),
+            ));
+        }
     };
     let function_env: BTreeMap<String, String> = match &job.program_env_sealed {
         Some(sealed) => {
-            let plain = ctx.secrets.open(sealed).map_err(|e| DispatchError::Permanent(e.to_string()))?;
-            serde_json::from_slice(&plain).map_err(|e| DispatchError::Permanent(format!("function env_vars: {e}")))?
+            let plain = ctx
+                .secrets
+                .open(sealed)
+                .map_err(|e| DispatchError::Permanent(e.to_string()))?;
+            serde_json::from_slice(&plain)
+                .map_err(|e| DispatchError::Permanent(format!("function env_vars: {e}")))?
         }
         None => BTreeMap::new(),
     };
     write_job_files(ctx, job).await?;
-    let env = jobenv::build_env(job.id, &job.username, &job.arguments, &secrets, &ctx.config.ray_data_path, &function_env);
+    let env = jobenv::build_env(
+        job.id,
+        &job.username,
+        &job.arguments,
+        &secrets,
+        &ctx.config.ray_data_path,
+        &function_env,
+    );
 
     if !ctx.config.worker.dispatch_pause.is_zero() {
         tokio::time::sleep(ctx.config.worker.dispatch_pause).await;
@@ -297,7 +361,12 @@ async fn submit(ctx: &WorkerCtx, job: &DispatchJob) -> Result<Submitted, Dispatc
     let host = launch(ctx, job, staged, env).await?;
     if ctx.store.mark_pending(job.id, &ctx.name, &host).await? {
         Ok(Submitted::Pending)
-    } else if !ctx.store.job_status(job.id).await?.is_some_and(|s| s.is_terminal()) {
+    } else if !ctx
+        .store
+        .job_status(job.id)
+        .await?
+        .is_some_and(|s| s.is_terminal())
+    {
         // Not a stop: our claim lapsed and another worker is submitting (or
         // already submitted) the same job. Stopping it would kill its run.
         Ok(Submitted::TakenOver)
@@ -316,9 +385,14 @@ async fn write_job_files(ctx: &WorkerCtx, job: &DispatchJob) -> Result<(), Dispa
     let args_path = jobenv::arguments_file(&ctx.config.data_dir, &job.username, job.id);
     let results_path = jobenv::results_file(&ctx.config.data_dir, &job.username, job.id);
     let io = |e: std::io::Error| DispatchError::Transient(format!("writing job files: {e}"));
-    for dir in [args_path.parent(), results_path.parent()].into_iter().flatten() {
+    for dir in [args_path.parent(), results_path.parent()]
+        .into_iter()
+        .flatten()
+    {
         tokio::fs::create_dir_all(dir).await.map_err(io)?;
     }
-    tokio::fs::write(&args_path, job.arguments.as_bytes()).await.map_err(io)?;
+    tokio::fs::write(&args_path, job.arguments.as_bytes())
+        .await
+        .map_err(io)?;
     Ok(())
 }

@@ -39,7 +39,10 @@ pub fn unique_name() -> String {
 /// Where wake-ups come from.
 pub enum Feed {
     /// apalis over Redis, announced on pub/sub.
-    Redis { conn: ConnectionManager, redis_url: String },
+    Redis {
+        conn: ConnectionManager,
+        redis_url: String,
+    },
     /// The embedded gateway's in-process channel.
     Local(mpsc::UnboundedReceiver<Dispatch>),
 }
@@ -54,15 +57,34 @@ pub struct Backends {
 }
 
 /// Runs one distributed worker process until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let Backend::Distributed { database_url, redis_url } = config.backend.clone() else {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Backend::Distributed {
+        database_url,
+        redis_url,
+    } = config.backend.clone()
+    else {
         anyhow::bail!(
             "configuration error: gateway-worker needs a database (DATABASE_URL or DATABASE_HOST) and REDIS_URL; the embedded gateway runs its worker inside gateway-api"
         );
     };
-    let store = Store::Postgres(PgStore::connect(&database_url, 8).await.context("connecting to Postgres")?);
+    let store = Store::Postgres(PgStore::connect(&database_url, 8).await.with_context(|| {
+        format!(
+            "connecting to Postgres at {}",
+            shared::config::redact_url(&database_url)
+        )
+    })?);
     wait_for_schema(&store).await;
-    let conn = apalis_redis::connect(redis_url.as_str()).await.context("connecting to Redis")?;
+    let conn = apalis_redis::connect(redis_url.as_str())
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to Redis at {}",
+                shared::config::redact_url(&redis_url)
+            )
+        })?;
     let backends = Backends {
         store,
         limiter: Limiter::Redis(RedisLimiter::new(conn.clone(), config.redis_prefix.clone())),
@@ -79,7 +101,13 @@ pub async fn run_with(
     backends: Backends,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let Backends { store, limiter, queue, feed, secrets } = backends;
+    let Backends {
+        store,
+        limiter,
+        queue,
+        feed,
+        secrets,
+    } = backends;
     store.check_secret_key(&secrets).await?;
     // The embedded gateway has exactly one worker: a stable name lets it
     // take back its running jobs at once after a restart instead of waiting
@@ -89,7 +117,15 @@ pub async fn run_with(
         Feed::Redis { .. } => unique_name(),
     };
     let (tracked_tx, tracked_rx) = mpsc::unbounded_channel();
-    let ctx = Arc::new(WorkerCtx::new(name.clone(), Arc::new(config), store, limiter, queue, secrets, tracked_tx));
+    let ctx = Arc::new(WorkerCtx::new(
+        name.clone(),
+        Arc::new(config),
+        store,
+        limiter,
+        queue,
+        secrets,
+        tracked_tx,
+    ));
     tracing::info!(worker = %name, "worker started");
     rebuild_leases(&ctx).await;
 
@@ -119,7 +155,11 @@ async fn run_apalis(
     let config = ctx.config.clone();
     let apalis_config = queue::apalis_config(&config.redis_prefix, &config.worker);
     let wake = wake::WakeSignal::default();
-    let listener = tokio::spawn(wake::listen(redis_url, queue::available_channel(&apalis_config), wake.clone()));
+    let listener = tokio::spawn(wake::listen(
+        redis_url,
+        queue::available_channel(&apalis_config),
+        wake.clone(),
+    ));
     let heartbeat = config.worker.heartbeat;
     let concurrency = config.worker.concurrency;
     let name = ctx.name.clone();
@@ -131,7 +171,8 @@ async fn run_apalis(
             true
         })
         .register(move |restart| {
-            let storage = RedisStorage::<Dispatch>::new(conn.clone()).with_config(apalis_config.clone());
+            let storage =
+                RedisStorage::<Dispatch>::new(conn.clone()).with_config(apalis_config.clone());
             // Fetch when a push is announced, and at least every heartbeat
             // (retries come due without an announcement).
             let strategy = Strategy::new().stream(wake.clone()).interval(heartbeat);
@@ -168,11 +209,15 @@ async fn run_local(
                 None => break,
             },
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let span = tracing::info_span!("dispatch", job_id = %task.job_id, worker = %ctx.name, user = tracing::field::Empty);
-            if let Err(e) = tracing::Instrument::instrument(dispatch::dispatch(&ctx, task.job_id), span).await {
+            if let Err(e) =
+                tracing::Instrument::instrument(dispatch::dispatch(&ctx, task.job_id), span).await
+            {
                 tracing::debug!(job_id = %task.job_id, error = %e, "dispatch will be retried by the reconciler");
             }
             drop(permit);
@@ -187,7 +232,11 @@ async fn rebuild_leases(ctx: &WorkerCtx) {
     match ctx.store.running_jobs().await {
         Ok(jobs) => {
             for (id, user) in jobs {
-                if let Err(e) = ctx.limiter.renew(&user, &id.to_string(), ctx.config.worker.lease_ttl).await {
+                if let Err(e) = ctx
+                    .limiter
+                    .renew(&user, &id.to_string(), ctx.config.worker.lease_ttl)
+                    .await
+                {
                     tracing::warn!(error = %e, "could not restore slot leases");
                     return;
                 }
@@ -203,8 +252,12 @@ pub async fn wait_for_schema(store: &Store) {
     loop {
         match store.schema_ready().await {
             Ok(true) => return,
-            Ok(false) if waited.is_multiple_of(10) => tracing::info!("waiting for the API to apply database migrations"),
-            Err(e) if waited.is_multiple_of(10) => tracing::warn!(error = %e, "waiting for the database"),
+            Ok(false) if waited.is_multiple_of(10) => {
+                tracing::info!("waiting for the API to apply database migrations")
+            }
+            Err(e) if waited.is_multiple_of(10) => {
+                tracing::warn!(error = %e, "waiting for the database")
+            }
             _ => {}
         }
         waited += 1;

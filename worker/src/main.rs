@@ -9,7 +9,7 @@ async fn main() -> ExitCode {
     match worker::run(config, shared::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gateway-worker: {e:#}");
+            eprintln!("gateway-worker: {}", shared::describe_error(e.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -23,7 +23,9 @@ pub async fn run(ctx: Arc<WorkerCtx>, mut shutdown: watch::Receiver<bool>) {
         sweep(&ctx).await;
         forget_ended_ray_jobs(&ctx).await;
         match ctx.queue.vacuum(500).await {
-            Ok(n) if n > 0 => tracing::debug!(count = n, "finished wake-ups removed from the queue"),
+            Ok(n) if n > 0 => {
+                tracing::debug!(count = n, "finished wake-ups removed from the queue")
+            }
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "queue vacuum failed; retrying"),
         }
@@ -34,7 +36,11 @@ pub async fn run(ctx: Arc<WorkerCtx>, mut shutdown: watch::Receiver<bool>) {
 /// Ray keeps each job's runtime_env, the job's token included, until then.
 /// The database keeps everything the API serves (status, logs, result).
 pub async fn forget_ended_ray_jobs(ctx: &WorkerCtx) {
-    let due = match ctx.store.ray_jobs_to_forget(ctx.config.worker.ray_job_retention, 50).await {
+    let due = match ctx
+        .store
+        .ray_jobs_to_forget(ctx.config.worker.ray_job_retention, 50)
+        .await
+    {
         Ok(due) => due,
         Err(e) => {
             tracing::debug!(error = %e, "could not list ended Ray jobs");
@@ -53,7 +59,9 @@ pub async fn forget_ended_ray_jobs(ctx: &WorkerCtx) {
                     tracing::debug!(job_id = %id, error = %e, "could not record the Ray deletion");
                 }
             }
-            Err(e) => tracing::debug!(job_id = %id, error = %e, "Ray job not deleted yet; retrying later"),
+            Err(e) => {
+                tracing::debug!(job_id = %id, error = %e, "Ray job not deleted yet; retrying later")
+            }
         }
     }
 }

@@ -36,7 +36,11 @@ struct Tracked {
     last_stop_sent: Option<Instant>,
 }
 
-pub async fn run(ctx: Arc<WorkerCtx>, mut submitted: mpsc::UnboundedReceiver<Uuid>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    ctx: Arc<WorkerCtx>,
+    mut submitted: mpsc::UnboundedReceiver<Uuid>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut owned: HashMap<Uuid, Tracked> = HashMap::new();
     let mut last_refresh: Option<Instant> = None;
     let mut last_renew = Instant::now();
@@ -56,7 +60,9 @@ pub async fn run(ctx: Arc<WorkerCtx>, mut submitted: mpsc::UnboundedReceiver<Uui
                         next.insert(
                             job.id,
                             Tracked {
-                                unreachable_since: previous.as_ref().and_then(|p| p.unreachable_since),
+                                unreachable_since: previous
+                                    .as_ref()
+                                    .and_then(|p| p.unreachable_since),
                                 last_stop_sent: previous.as_ref().and_then(|p| p.last_stop_sent),
                                 job,
                             },
@@ -97,7 +103,15 @@ pub async fn run(ctx: Arc<WorkerCtx>, mut submitted: mpsc::UnboundedReceiver<Uui
 /// restart lost them.
 async fn renew_leases(ctx: &WorkerCtx, owned: &HashMap<Uuid, Tracked>) {
     for t in owned.values().filter(|t| !t.job.status.is_terminal()) {
-        if let Err(e) = ctx.limiter.renew(&t.job.username, &t.job.id.to_string(), ctx.config.worker.lease_ttl).await {
+        if let Err(e) = ctx
+            .limiter
+            .renew(
+                &t.job.username,
+                &t.job.id.to_string(),
+                ctx.config.worker.lease_ttl,
+            )
+            .await
+        {
             tracing::warn!(job_id = %t.job.id, error = %e, "lease renewal failed");
             return;
         }
@@ -123,7 +137,14 @@ async fn poll(ctx: &WorkerCtx, t: &mut Tracked) -> bool {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "bad Ray host");
-            return finish(ctx, &t.job, JobStatus::Failed, Some(format!("Invalid Ray host: {e}")), None).await;
+            return finish(
+                ctx,
+                &t.job,
+                JobStatus::Failed,
+                Some(format!("Invalid Ray host: {e}")),
+                None,
+            )
+            .await;
         }
     };
     let info = match runner.job(t.job.id).await {
@@ -132,13 +153,17 @@ async fn poll(ctx: &WorkerCtx, t: &mut Tracked) -> bool {
             info
         }
         Ok(None) => {
-            let reason = "The job is no longer known to Ray (its head restarted or deleted it).".to_string();
+            let reason =
+                "The job is no longer known to Ray (its head restarted or deleted it).".to_string();
             return finish(ctx, &t.job, JobStatus::Failed, Some(reason), None).await;
         }
         Err(e) => {
             let since = *t.unreachable_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= UNREACHABLE_GIVE_UP {
-                let reason = format!("Ray was unreachable for {} s: {e}", UNREACHABLE_GIVE_UP.as_secs());
+                let reason = format!(
+                    "Ray was unreachable for {} s: {e}",
+                    UNREACHABLE_GIVE_UP.as_secs()
+                );
                 return finish(ctx, &t.job, JobStatus::Failed, Some(reason), None).await;
             }
             tracing::debug!(error = %e, "Ray status unavailable");
@@ -148,7 +173,9 @@ async fn poll(ctx: &WorkerCtx, t: &mut Tracked) -> bool {
     let ended = final_status(info.status);
     if t.job.status == JobStatus::Stopped {
         if ended.is_none() {
-            if t.last_stop_sent.is_none_or(|s| s.elapsed() >= Duration::from_secs(1)) {
+            if t.last_stop_sent
+                .is_none_or(|s| s.elapsed() >= Duration::from_secs(1))
+            {
                 t.last_stop_sent = Some(Instant::now());
                 if let Err(e) = runner.stop(t.job.id).await {
                     tracing::warn!(error = %e, "stop on Ray failed; retrying");
@@ -161,7 +188,11 @@ async fn poll(ctx: &WorkerCtx, t: &mut Tracked) -> bool {
     match ended {
         None => {
             if info.status == RayJobStatus::Running && t.job.status == JobStatus::Pending {
-                match ctx.store.mark_running(t.job.id, time_of(info.start_time_ms)).await {
+                match ctx
+                    .store
+                    .mark_running(t.job.id, time_of(info.start_time_ms))
+                    .await
+                {
                     Ok(_) => t.job.status = JobStatus::Running,
                     Err(e) => tracing::warn!(error = %e, "could not record RUNNING"),
                 }
@@ -169,14 +200,22 @@ async fn poll(ctx: &WorkerCtx, t: &mut Tracked) -> bool {
             false
         }
         Some(status) => {
-            let reason = (status != JobStatus::Succeeded).then(|| info.message.clone()).flatten();
+            let reason = (status != JobStatus::Succeeded)
+                .then(|| info.message.clone())
+                .flatten();
             finish(ctx, &t.job, status, reason, Some(&info)).await
         }
     }
 }
 
 /// Stores the end of a job and frees what it held. True when recorded.
-async fn finish(ctx: &WorkerCtx, job: &TrackedJob, status: JobStatus, reason: Option<String>, info: Option<&RayJobInfo>) -> bool {
+async fn finish(
+    ctx: &WorkerCtx,
+    job: &TrackedJob,
+    status: JobStatus,
+    reason: Option<String>,
+    info: Option<&RayJobInfo>,
+) -> bool {
     let logs = match ctx.runner(&job.ray_host) {
         Ok(runner) => match runner.logs_tail(job.id, ctx.config.logs_size_limit).await {
             Ok(logs) => Some(logs),
@@ -188,7 +227,13 @@ async fn finish(ctx: &WorkerCtx, job: &TrackedJob, status: JobStatus, reason: Op
     // client looks (it quotes lines with "error" when a job ends in ERROR).
     let logs = match (logs, &reason) {
         (logs, Some(r)) if status == JobStatus::Failed => {
-            let first_line: String = r.lines().next().unwrap_or_default().chars().take(500).collect();
+            let first_line: String = r
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(500)
+                .collect();
             let mut text = logs.unwrap_or_default();
             if !text.is_empty() && !text.ends_with('\n') {
                 text.push('\n');
@@ -213,7 +258,11 @@ async fn finish(ctx: &WorkerCtx, job: &TrackedJob, status: JobStatus, reason: Op
             if let Some(s) = final_status {
                 tracing::info!(status = %s, "job finished");
             }
-            if let Err(e) = ctx.limiter.release(&job.username, &job.id.to_string()).await {
+            if let Err(e) = ctx
+                .limiter
+                .release(&job.username, &job.id.to_string())
+                .await
+            {
                 tracing::warn!(error = %e, "slot release failed; the lease expires on its own");
             }
             let args = jobenv::arguments_file(&ctx.config.data_dir, &job.username, job.id);

@@ -37,7 +37,11 @@ impl Stream for WakeSignal {
             return Poll::Ready(Some(()));
         }
         inner.waker.register(cx.waker());
-        if inner.set.swap(false, Ordering::AcqRel) { Poll::Ready(Some(())) } else { Poll::Pending }
+        if inner.set.swap(false, Ordering::AcqRel) {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -54,7 +58,11 @@ pub async fn listen(redis_url: String, channel: String, signal: WakeSignal) {
     }
 }
 
-async fn subscribe_once(redis_url: &str, channel: &str, signal: &WakeSignal) -> redis::RedisResult<()> {
+async fn subscribe_once(
+    redis_url: &str,
+    channel: &str,
+    signal: &WakeSignal,
+) -> redis::RedisResult<()> {
     let client = redis::Client::open(redis_url)?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(channel).await?;

@@ -23,7 +23,10 @@ pub async fn version(state: Data<&Arc<AppState>>) -> Json<serde_json::Value> {
 #[handler]
 pub async fn readiness(state: Data<&Arc<AppState>>) -> Response {
     let check = Duration::from_secs(2);
-    let db_ok = matches!(tokio::time::timeout(check, state.store.ping()).await, Ok(Ok(())));
+    let db_ok = matches!(
+        tokio::time::timeout(check, state.store.ping()).await,
+        Ok(Ok(()))
+    );
     let redis_ok = match state.redis.clone() {
         Some(mut redis) => matches!(
             tokio::time::timeout(check, redis::cmd("PING").query_async::<String>(&mut redis)).await,

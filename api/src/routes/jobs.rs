@@ -18,7 +18,9 @@ use crate::auth::{Auth, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::routes::Tag;
 use crate::state::AppState;
-use crate::views::{JobEventView, JobListItem, JobPage, Logs, Message, ResultView, job_detail, job_short};
+use crate::views::{
+    JobEventView, JobListItem, JobPage, Logs, Message, ResultView, job_detail, job_short,
+};
 
 pub struct JobsApi;
 
@@ -65,7 +67,11 @@ fn job_id(raw: &str) -> ApiResult<Uuid> {
 
 async fn load(state: &AppState, caller: &Caller, raw_id: &str) -> ApiResult<JobView> {
     let id = job_id(raw_id)?;
-    state.store.job(caller.user.id, id).await?.ok_or_else(|| ApiError::job_not_found(id))
+    state
+        .store
+        .job(caller.user.id, id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(id))
 }
 
 /// Client status names (`DONE`, `ERROR`...) are accepted beside the gateway's.
@@ -75,9 +81,16 @@ fn parse_status(raw: &str) -> ApiResult<JobStatus> {
         "ERROR" => "FAILED".to_string(),
         "CANCELED" => "STOPPED".to_string(),
         "INITIALIZING" => "PENDING".to_string(),
-        other => other.split(':').next().unwrap_or_default().trim().to_string(),
+        other => other
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
     };
-    mapped.parse().map_err(|_| ApiError::BadRequest(format!("'status' has an unknown value '{raw}'.")))
+    mapped
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("'status' has an unknown value '{raw}'.")))
 }
 
 fn parse_created_after(raw: &str) -> ApiResult<DateTime<Utc>> {
@@ -85,7 +98,12 @@ fn parse_created_after(raw: &str) -> ApiResult<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
         return Ok(t.with_timezone(&Utc));
     }
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"] {
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M:%S",
+    ] {
         if let Ok(t) = NaiveDateTime::parse_from_str(raw, fmt) {
             return Ok(t.and_utc());
         }
@@ -93,7 +111,9 @@ fn parse_created_after(raw: &str) -> ApiResult<DateTime<Utc>> {
     if let Ok(d) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
         return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
     }
-    Err(ApiError::BadRequest(format!("'created_after' is not an ISO 8601 datetime: '{raw}'.")))
+    Err(ApiError::BadRequest(format!(
+        "'created_after' is not an ISO 8601 datetime: '{raw}'."
+    )))
 }
 
 /// A result as text: objects are encoded, strings kept when they are JSON
@@ -130,11 +150,23 @@ impl JobsApi {
         let limit = limit.0.unwrap_or(100);
         let offset = offset.0.unwrap_or(0);
         if limit < 0 || offset < 0 {
-            return Err(ApiError::BadRequest("'limit' and 'offset' must not be negative.".into()));
+            return Err(ApiError::BadRequest(
+                "'limit' and 'offset' must not be negative.".into(),
+            ));
         }
         let mut job_filter = JobFilter {
-            status: status.0.as_deref().filter(|s| !s.is_empty()).map(parse_status).transpose()?,
-            created_after: created_after.0.as_deref().filter(|s| !s.is_empty()).map(parse_created_after).transpose()?,
+            status: status
+                .0
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(parse_status)
+                .transpose()?,
+            created_after: created_after
+                .0
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(parse_created_after)
+                .transpose()?,
             catalog: match filter.0.as_deref() {
                 Some("catalog") => Some(true),
                 Some("serverless") => Some(false),
@@ -144,25 +176,57 @@ impl JobsApi {
         };
         // `provider=` (the client sends it for provider functions): none are
         // served, so no job matches, and a function under it does not exist.
-        if let Some(provider) = raw.get("provider").map(|p| shared::domain::sanitize_title(p)).filter(|p| !p.is_empty()) {
-            if let Some(title) = function.0.as_deref().map(shared::domain::sanitize_title).filter(|t| !t.is_empty()) {
+        if let Some(provider) = raw
+            .get("provider")
+            .map(|p| shared::domain::sanitize_title(p))
+            .filter(|p| !p.is_empty())
+        {
+            if let Some(title) = function
+                .0
+                .as_deref()
+                .map(shared::domain::sanitize_title)
+                .filter(|t| !t.is_empty())
+            {
                 return Err(ApiError::function_not_found(&format!("{provider}/{title}")));
             }
-            return Ok(Json(JobPage { count: 0, next: None, previous: None, results: Vec::new() }));
+            return Ok(Json(JobPage {
+                count: 0,
+                next: None,
+                previous: None,
+                results: Vec::new(),
+            }));
         }
         if let Some(title) = function.0.as_deref().filter(|s| !s.is_empty()) {
             let title = shared::domain::sanitize_title(title);
-            if state.store.program_by_title(caller.user.id, &title).await?.is_none() {
+            if state
+                .store
+                .program_by_title(caller.user.id, &title)
+                .await?
+                .is_none()
+            {
                 return Err(ApiError::function_not_found(&title));
             }
             job_filter.function = Some(title);
         }
         let page_limit = (limit > 0).then_some(limit);
-        let (count, rows) = state.store.list_jobs(caller.user.id, &job_filter, page_limit, offset).await?;
-        let link = |offset: i64| format!("{}/api/v1/jobs/?limit={limit}&offset={offset}", state.site_host);
+        let (count, rows) = state
+            .store
+            .list_jobs(caller.user.id, &job_filter, page_limit, offset)
+            .await?;
+        let link = |offset: i64| {
+            format!(
+                "{}/api/v1/jobs/?limit={limit}&offset={offset}",
+                state.site_host
+            )
+        };
         let next = (limit > 0 && offset + limit < count).then(|| link(offset + limit));
         let previous = (limit > 0 && offset > 0).then(|| link((offset - limit).max(0)));
-        Ok(Json(JobPage { count, next, previous, results: rows.iter().map(JobListItem::from).collect() }))
+        Ok(Json(JobPage {
+            count,
+            next,
+            previous,
+            results: rows.iter().map(JobListItem::from).collect(),
+        }))
     }
 
     /// One job. Without `with_result` the result is included (the 2023 client reads it here).
@@ -175,17 +239,31 @@ impl JobsApi {
         with_result: Query<Option<String>>,
     ) -> ApiResult<Json<Value>> {
         let view = load(&state, &auth.0, &id.0).await?;
-        let with_result = match with_result.0.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let with_result = match with_result
+            .0
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("true") | Some("1") | Some("yes") | Some("on") | Some("") => true,
             Some("false") | Some("0") | Some("no") | Some("off") => false,
-            Some(other) => return Err(ApiError::BadRequest(format!("'with_result' must be true or false, got '{other}'."))),
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "'with_result' must be true or false, got '{other}'."
+                )));
+            }
         };
         Ok(Json(job_detail(&view, with_result)))
     }
 
     /// The result the function saved; 204 while there is none.
     #[oai(path = "/:id/result/", method = "get")]
-    async fn result(&self, auth: Auth, state: Data<&Arc<AppState>>, id: Path<String>) -> ApiResult<ResultResponse> {
+    async fn result(
+        &self,
+        auth: Auth,
+        state: Data<&Arc<AppState>>,
+        id: Path<String>,
+    ) -> ApiResult<ResultResponse> {
         let view = load(&state, &auth.0, &id.0).await?;
         Ok(match view.job.result {
             Some(result) => ResultResponse::Ok(Json(ResultView { result })),
@@ -208,7 +286,9 @@ impl JobsApi {
             ResultRequest::Json(Json(Value::Object(mut map))) if map.contains_key("result") => {
                 map.remove("result").unwrap_or(Value::Null)
             }
-            ResultRequest::Json(_) => return Err(ApiError::BadRequest("'result' is required.".into())),
+            ResultRequest::Json(_) => {
+                return Err(ApiError::BadRequest("'result' is required.".into()));
+            }
             ResultRequest::Form(Form(form)) => Value::String(form.result),
         };
         let text = result_text(value);
@@ -223,7 +303,11 @@ impl JobsApi {
                 current.job.status
             )));
         }
-        if !state.store.save_posted_result(caller.user.id, id, &text).await? {
+        if !state
+            .store
+            .save_posted_result(caller.user.id, id, &text)
+            .await?
+        {
             return Err(ApiError::job_not_found(id));
         }
         let view = load(&state, caller, &id.to_string()).await?;
@@ -232,11 +316,19 @@ impl JobsApi {
 
     /// The job's logs: stored once it ended, live from Ray while it runs.
     #[oai(path = "/:id/logs/", method = "get")]
-    async fn logs(&self, auth: Auth, state: Data<&Arc<AppState>>, id: Path<String>) -> ApiResult<Json<Logs>> {
+    async fn logs(
+        &self,
+        auth: Auth,
+        state: Data<&Arc<AppState>>,
+        id: Path<String>,
+    ) -> ApiResult<Json<Logs>> {
         let view = load(&state, &auth.0, &id.0).await?;
         let job = view.job;
         if !job.finalized && job.ray_submitted {
-            let host = job.ray_host.as_deref().unwrap_or(state.config.ray.local_host.as_str());
+            let host = job
+                .ray_host
+                .as_deref()
+                .unwrap_or(state.config.ray.local_host.as_str());
             let cap = state.config.logs_size_limit;
             let live = async {
                 if host == LOCAL_HOST {
@@ -249,16 +341,25 @@ impl JobsApi {
                 return Ok(Json(Logs { logs }));
             }
             return Ok(Json(Logs {
-                logs: job.logs.unwrap_or_else(|| "Logs not available for this job during execution.".into()),
+                logs: job
+                    .logs
+                    .unwrap_or_else(|| "Logs not available for this job during execution.".into()),
             }));
         }
-        Ok(Json(Logs { logs: job.logs.unwrap_or_else(|| "No logs yet.".into()) }))
+        Ok(Json(Logs {
+            logs: job.logs.unwrap_or_else(|| "No logs yet.".into()),
+        }))
     }
 
     /// Stops the job in any active state. The body (the current client sends
     /// a `service` with credentials) is ignored and never logged.
     #[oai(path = "/:id/stop/", method = "post")]
-    async fn stop(&self, auth: Auth, state: Data<&Arc<AppState>>, id: Path<String>) -> ApiResult<Json<Message>> {
+    async fn stop(
+        &self,
+        auth: Auth,
+        state: Data<&Arc<AppState>>,
+        id: Path<String>,
+    ) -> ApiResult<Json<Message>> {
         let caller = &auth.0;
         let id = job_id(&id.0)?;
         let message = match state.store.stop_job(caller.user.id, id).await? {
@@ -281,7 +382,9 @@ impl JobsApi {
                 "Job has been stopped."
             }
         };
-        Ok(Json(Message { message: message.into() }))
+        Ok(Json(Message {
+            message: message.into(),
+        }))
     }
 
     /// Progress reported by the running function.
@@ -298,11 +401,14 @@ impl JobsApi {
         let raw = match body {
             SubStatusRequest::Form(Form(b)) | SubStatusRequest::Json(Json(b)) => b.sub_status,
         };
-        let sub = raw
-            .as_deref()
-            .and_then(SubStatus::parse)
-            .ok_or_else(|| ApiError::BadRequest("'sub_status' not provided or is not valid".into()))?;
-        match state.store.set_sub_status(caller.user.id, id, sub.as_str()).await? {
+        let sub = raw.as_deref().and_then(SubStatus::parse).ok_or_else(|| {
+            ApiError::BadRequest("'sub_status' not provided or is not valid".into())
+        })?;
+        match state
+            .store
+            .set_sub_status(caller.user.id, id, sub.as_str())
+            .await?
+        {
             SubStatusOutcome::Updated(view) => Ok(Json(json!({ "job": job_short(&view, false) }))),
             SubStatusOutcome::NotActive(status) => Err(ApiError::Forbidden(format!(
                 "Cannot update 'sub_status' when is not in active status. (Currently {status})"
@@ -313,26 +419,49 @@ impl JobsApi {
 
     /// An error event from the running function (`send_error`).
     #[oai(path = "/:id/event/", method = "post")]
-    async fn event(&self, auth: Auth, state: Data<&Arc<AppState>>, id: Path<String>, body: Json<Value>) -> ApiResult<Json<Value>> {
+    async fn event(
+        &self,
+        auth: Auth,
+        state: Data<&Arc<AppState>>,
+        id: Path<String>,
+        body: Json<Value>,
+    ) -> ApiResult<Json<Value>> {
         let caller = &auth.0;
         let id = job_id(&id.0)?;
         let Value::Object(body) = body.0 else {
-            return Err(ApiError::BadRequest("The event must be a JSON object.".into()));
+            return Err(ApiError::BadRequest(
+                "The event must be a JSON object.".into(),
+            ));
         };
-        let is_error = body.get("type").and_then(Value::as_str).is_some_and(|t| t.eq_ignore_ascii_case("ERROR"));
+        let is_error = body
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.eq_ignore_ascii_case("ERROR"));
         if !is_error {
             return Err(ApiError::BadRequest("'type' must be ERROR.".into()));
         }
-        let text = |k: &str| body.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+        let text = |k: &str| {
+            body.get(k).map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+        };
         let data = json!({
             "code": text("code"),
             "message": text("message"),
             "exception": text("exception"),
             "args": body.get("args").cloned().unwrap_or(Value::Null),
         });
-        match state.store.add_error_event(caller.user.id, id, data).await? {
+        match state
+            .store
+            .add_error_event(caller.user.id, id, data)
+            .await?
+        {
             None => Err(ApiError::job_not_found(id)),
-            Some(false) => Err(ApiError::Forbidden("You can create events on active jobs only".into())),
+            Some(false) => Err(ApiError::Forbidden(
+                "You can create events on active jobs only".into(),
+            )),
             Some(true) => Ok(Json(Value::Null)),
         }
     }
@@ -347,7 +476,10 @@ impl JobsApi {
         #[oai(name = "type")] event_type: Query<Option<String>>,
     ) -> ApiResult<Json<Vec<JobEventView>>> {
         let id = job_id(&id.0)?;
-        let event_type = event_type.0.map(|t| t.to_ascii_uppercase()).filter(|t| !t.is_empty());
+        let event_type = event_type
+            .0
+            .map(|t| t.to_ascii_uppercase())
+            .filter(|t| !t.is_empty());
         let events = state
             .store
             .events(auth.0.user.id, id, event_type.as_deref())
@@ -364,7 +496,10 @@ mod tests {
     #[test]
     fn statuses_accept_client_names() {
         assert_eq!(parse_status("DONE").unwrap(), JobStatus::Succeeded);
-        assert_eq!(parse_status("RUNNING: MAPPING").unwrap(), JobStatus::Running);
+        assert_eq!(
+            parse_status("RUNNING: MAPPING").unwrap(),
+            JobStatus::Running
+        );
         assert_eq!(parse_status("queued").unwrap(), JobStatus::Queued);
         assert!(parse_status("BOGUS").is_err());
     }

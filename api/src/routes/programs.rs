@@ -80,7 +80,10 @@ impl ProgramsApi {
         // The clients ask for the catalog (`filter=catalog`) or for one
         // provider's functions (`provider=`). Provider functions are not
         // served, so those lists are empty rather than the caller's own.
-        let provider = query.get("provider").map(|p| sanitize_title(p)).filter(|p| !p.is_empty());
+        let provider = query
+            .get("provider")
+            .map(|p| sanitize_title(p))
+            .filter(|p| !p.is_empty());
         if provider.is_some() || query.get("filter").is_some_and(|f| f == "catalog") {
             return Ok(Json(Vec::new()));
         }
@@ -90,10 +93,17 @@ impl ProgramsApi {
 
     /// Creates or updates a function (by title) from a `.tar` of its working directory.
     #[oai(path = "/upload/", method = "post")]
-    async fn upload(&self, auth: Auth, state: Data<&Arc<AppState>>, form: UploadForm) -> ApiResult<Json<ProgramUploadView>> {
+    async fn upload(
+        &self,
+        auth: Auth,
+        state: Data<&Arc<AppState>>,
+        form: UploadForm,
+    ) -> ApiResult<Json<ProgramUploadView>> {
         let title = function_title(&form.title, form.provider.as_deref())?;
         if form.image.is_some() {
-            return Err(ApiError::BadRequest("Custom images are only available to providers.".into()));
+            return Err(ApiError::BadRequest(
+                "Custom images are only available to providers.".into(),
+            ));
         }
         let env = match &form.env_vars {
             Some(raw) => parse_env_vars(raw)?,
@@ -101,20 +111,40 @@ impl ProgramsApi {
         };
         let upsert = ProgramUpsert {
             title: title.clone(),
-            entrypoint: form.entrypoint.as_deref().map(validate_entrypoint).transpose()?,
+            entrypoint: form
+                .entrypoint
+                .as_deref()
+                .map(validate_entrypoint)
+                .transpose()?,
             artifact: None,
-            dependencies: form.dependencies.as_deref().map(parse_dependencies).transpose()?.map(Value::from),
+            dependencies: form
+                .dependencies
+                .as_deref()
+                .map(parse_dependencies)
+                .transpose()?
+                .map(Value::from),
             env_vars_sealed: match &form.env_vars {
                 Some(_) => Some(seal_env(&state, &env)?),
                 None => None,
             },
             description: form.description.clone(),
-            program_type: form.program_type.as_deref().map(validate_type).transpose()?,
+            program_type: form
+                .program_type
+                .as_deref()
+                .map(validate_type)
+                .transpose()?,
             version: form.version.as_deref().map(validate_version).transpose()?,
-            arguments_schema: form.arguments_schema.as_deref().map(validate_schema).transpose()?,
+            arguments_schema: form
+                .arguments_schema
+                .as_deref()
+                .map(validate_schema)
+                .transpose()?,
         };
         let program = save_program(&state, &auth.0, upsert, form.artifact).await?;
-        Ok(Json(ProgramUploadView::new(&program, &env.into_keys().collect::<Vec<_>>())))
+        Ok(Json(ProgramUploadView::new(
+            &program,
+            &env.into_keys().collect::<Vec<_>>(),
+        )))
     }
 
     /// The caller's function of that title.
@@ -138,7 +168,12 @@ impl ProgramsApi {
     /// Runs a function: JSON `{title, arguments, config}` for a stored function,
     /// or the 2023 multipart form that uploads and runs in one call.
     #[oai(path = "/run/", method = "post")]
-    async fn run(&self, auth: Auth, state: Data<&Arc<AppState>>, body: RunRequest) -> ApiResult<Json<JobRunView>> {
+    async fn run(
+        &self,
+        auth: Auth,
+        state: Data<&Arc<AppState>>,
+        body: RunRequest,
+    ) -> ApiResult<Json<JobRunView>> {
         let caller = &auth.0;
         let (program, arguments, config, pip) = match body {
             RunRequest::Json(Json(req)) => {
@@ -151,7 +186,8 @@ impl ProgramsApi {
                 if let Some(config) = &req.config {
                     validate_config(config)?;
                 }
-                let arguments = normalize_arguments(req.arguments, state.config.max_arguments_bytes)?;
+                let arguments =
+                    normalize_arguments(req.arguments, state.config.max_arguments_bytes)?;
                 (program, arguments, req.config, Vec::new())
             }
             RunRequest::Multipart(form) => {
@@ -160,11 +196,17 @@ impl ProgramsApi {
                     Some(raw) => parse_dependencies(raw)?,
                     None => Vec::new(),
                 };
-                let arguments =
-                    normalize_arguments(form.arguments.map(Value::String), state.config.max_arguments_bytes)?;
+                let arguments = normalize_arguments(
+                    form.arguments.map(Value::String),
+                    state.config.max_arguments_bytes,
+                )?;
                 let upsert = ProgramUpsert {
                     title,
-                    entrypoint: form.entrypoint.as_deref().map(validate_entrypoint).transpose()?,
+                    entrypoint: form
+                        .entrypoint
+                        .as_deref()
+                        .map(validate_entrypoint)
+                        .transpose()?,
                     dependencies: Some(Value::from(pip.clone())),
                     ..ProgramUpsert::default()
                 };
@@ -172,7 +214,9 @@ impl ProgramsApi {
                 (program, arguments, None, pip)
             }
         };
-        run_program(&state, caller, &program, arguments, config, pip).await.map(Json)
+        run_program(&state, caller, &program, arguments, config, pip)
+            .await
+            .map(Json)
     }
 }
 
@@ -183,17 +227,21 @@ async fn save_program(
     mut upsert: ProgramUpsert,
     artifact: Option<Upload>,
 ) -> ApiResult<Program> {
-    let existing = state.store.program_by_title(caller.user.id, &upsert.title).await?;
+    let existing = state
+        .store
+        .program_by_title(caller.user.id, &upsert.title)
+        .await?;
     match artifact {
         Some(upload) => {
             let name = upload.file_name().unwrap_or("artifact.tar").to_string();
             if !name.ends_with(".tar") {
-                return Err(ApiError::BadRequest("The artifact must be a .tar file.".into()));
+                return Err(ApiError::BadRequest(
+                    "The artifact must be a .tar file.".into(),
+                ));
             }
-            let bytes = upload
-                .into_vec()
-                .await
-                .map_err(|e| ApiError::BadRequest(format!("The artifact could not be read: {e}")))?;
+            let bytes = upload.into_vec().await.map_err(|e| {
+                ApiError::BadRequest(format!("The artifact could not be read: {e}"))
+            })?;
             let limits = state.artifact_limits;
             let entrypoint = upsert
                 .entrypoint
@@ -209,7 +257,9 @@ async fn save_program(
             .map_err(|e| ApiError::Internal(e.to_string()))?;
             let summary = summary.map_err(artifact_error)?;
             if !summary.files.iter().any(|f| f == &entrypoint) {
-                return Err(ApiError::BadRequest(format!("The entrypoint '{entrypoint}' is not in the artifact.")));
+                return Err(ApiError::BadRequest(format!(
+                    "The entrypoint '{entrypoint}' is not in the artifact."
+                )));
             }
             let sha = artifact::sha256_hex(&bytes);
             state.store.put_artifact(&sha, &bytes).await?;
@@ -217,7 +267,9 @@ async fn save_program(
         }
         None => match (&existing, &upsert.entrypoint) {
             (None, _) => {
-                return Err(ApiError::BadRequest("An artifact (.tar of the function's directory) is required.".into()));
+                return Err(ApiError::BadRequest(
+                    "An artifact (.tar of the function's directory) is required.".into(),
+                ));
             }
             // A new entrypoint for the stored artifact must be in it.
             (Some(program), Some(entrypoint)) if entrypoint != &program.entrypoint => {
@@ -227,10 +279,16 @@ async fn save_program(
                 };
                 let limits = state.artifact_limits;
                 let files = stored
-                    .map(|tar| artifact::validate_tar(&tar, &limits).map(|s| s.files).unwrap_or_default())
+                    .map(|tar| {
+                        artifact::validate_tar(&tar, &limits)
+                            .map(|s| s.files)
+                            .unwrap_or_default()
+                    })
                     .unwrap_or_default();
                 if !files.iter().any(|f| f == entrypoint) {
-                    return Err(ApiError::BadRequest(format!("The entrypoint '{entrypoint}' is not in the artifact.")));
+                    return Err(ApiError::BadRequest(format!(
+                        "The entrypoint '{entrypoint}' is not in the artifact."
+                    )));
                 }
             }
             (Some(_), _) => {}
@@ -250,7 +308,10 @@ async fn run_program(
     pip: Vec<String>,
 ) -> ApiResult<JobRunView> {
     if program.artifact_sha256.is_none() {
-        return Err(ApiError::BadRequest(format!("Function {} has no artifact to run.", program.title)));
+        return Err(ApiError::BadRequest(format!(
+            "Function {} has no artifact to run.",
+            program.title
+        )));
     }
     let secrets = JobSecrets {
         token: caller.token.clone(),
@@ -258,7 +319,9 @@ async fn run_program(
         instance: caller.instance.clone(),
         gateway_host: state.site_host.clone(),
     };
-    let env_sealed = secrets.seal(&state.secrets).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let env_sealed = secrets
+        .seal(&state.secrets)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let new = NewJob {
         id: Uuid::new_v4(),
         author_id: caller.user.id,
@@ -268,7 +331,11 @@ async fn run_program(
         env_sealed,
         pip,
     };
-    let job = match state.store.create_job(&new, state.config.limits.active_jobs_per_user).await? {
+    let job = match state
+        .store
+        .create_job(&new, state.config.limits.active_jobs_per_user)
+        .await?
+    {
         CreateJob::Created(job) => job,
         CreateJob::LimitReached => {
             return Err(ApiError::TooManyJobs(format!(
@@ -284,7 +351,9 @@ async fn run_program(
                 tracing::warn!(job_id = %job.id, error = %e, "could not record the wake-up");
             }
         }
-        Err(e) => tracing::warn!(job_id = %job.id, error = %e, "queue push failed; the reconciler will dispatch the job"),
+        Err(e) => {
+            tracing::warn!(job_id = %job.id, error = %e, "queue push failed; the reconciler will dispatch the job")
+        }
     }
     Ok(JobRunView {
         id: job.id.to_string(),
@@ -310,10 +379,14 @@ fn artifact_error(e: artifact::ArtifactError) -> ApiError {
 fn function_title(raw: &str, provider: Option<&str>) -> ApiResult<String> {
     let title = sanitize_title(raw.trim());
     if title.is_empty() || title.len() > 255 {
-        return Err(ApiError::BadRequest("'title' must be 1 to 255 characters of [A-Za-z0-9_-].".into()));
+        return Err(ApiError::BadRequest(
+            "'title' must be 1 to 255 characters of [A-Za-z0-9_-].".into(),
+        ));
     }
     if title.matches('/').count() > 1 {
-        return Err(ApiError::BadRequest("'title' may contain at most one '/'.".into()));
+        return Err(ApiError::BadRequest(
+            "'title' may contain at most one '/'.".into(),
+        ));
     }
     if title.contains('/') {
         return Err(ApiError::function_not_found(&title));
@@ -330,7 +403,8 @@ fn validate_entrypoint(raw: &str) -> ApiResult<String> {
         && e.len() > 3
         && !e.starts_with('/')
         && !e.split('/').any(|seg| seg == ".." || seg.is_empty())
-        && e.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'/' | b'-'));
+        && e.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'/' | b'-'));
     if ok {
         Ok(e.to_string())
     } else {
@@ -341,12 +415,16 @@ fn validate_entrypoint(raw: &str) -> ApiResult<String> {
 }
 
 fn parse_dependencies(raw: &str) -> ApiResult<Vec<String>> {
-    let bad = || ApiError::BadRequest("'dependencies' must be a JSON list of \"name==version\" strings or {\"name\": \"version\"} objects.".into());
+    let bad = || {
+        ApiError::BadRequest("'dependencies' must be a JSON list of \"name==version\" strings or {\"name\": \"version\"} objects.".into())
+    };
     if raw.trim().is_empty() {
         return Ok(Vec::new());
     }
     let value: Value = serde_json::from_str(raw).map_err(|_| bad())?;
-    let Value::Array(items) = value else { return Err(bad()) };
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
     let mut out = Vec::new();
     for item in items {
         let dep = match item {
@@ -365,9 +443,14 @@ fn parse_dependencies(raw: &str) -> ApiResult<Vec<String>> {
         let name = dep.split("==").next().unwrap_or_default();
         if pins > 1
             || name.is_empty()
-            || !dep.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'=' | b'[' | b']' | b','))
+            || !dep.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b'_' | b'-' | b'.' | b'=' | b'[' | b']' | b',')
+            })
         {
-            return Err(ApiError::BadRequest(format!("Invalid dependency '{dep}': expected 'name' or 'name==version'.")));
+            return Err(ApiError::BadRequest(format!(
+                "Invalid dependency '{dep}': expected 'name' or 'name==version'."
+            )));
         }
         out.push(dep);
     }
@@ -380,7 +463,9 @@ fn parse_env_vars(raw: &str) -> ApiResult<BTreeMap<String, String>> {
         return Ok(BTreeMap::new());
     }
     let value: Value = serde_json::from_str(raw).map_err(|_| bad())?;
-    let Value::Object(map) = value else { return Err(bad()) };
+    let Value::Object(map) = value else {
+        return Err(bad());
+    };
     map.into_iter()
         .map(|(k, v)| match v {
             Value::String(s) if !k.is_empty() && !k.contains('=') => Ok((k, s)),
@@ -391,34 +476,51 @@ fn parse_env_vars(raw: &str) -> ApiResult<BTreeMap<String, String>> {
 
 fn seal_env(state: &AppState, env: &BTreeMap<String, String>) -> ApiResult<Vec<u8>> {
     let plain = serde_json::to_vec(env).map_err(|e| ApiError::Internal(e.to_string()))?;
-    state.secrets.seal(&plain).map_err(|e| ApiError::Internal(e.to_string()))
+    state
+        .secrets
+        .seal(&plain)
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 fn validate_type(raw: &str) -> ApiResult<String> {
     match raw {
         "GENERIC" | "APPLICATION" | "CIRCUIT" => Ok(raw.to_string()),
-        _ => Err(ApiError::BadRequest("'type' must be GENERIC, APPLICATION or CIRCUIT.".into())),
+        _ => Err(ApiError::BadRequest(
+            "'type' must be GENERIC, APPLICATION or CIRCUIT.".into(),
+        )),
     }
 }
 
 fn validate_version(raw: &str) -> ApiResult<String> {
     let v = raw.trim();
     let mut parts = v.split(['.', '-', '+']);
-    let first_numeric = parts.next().is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    if first_numeric && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+')) {
+    let first_numeric = parts
+        .next()
+        .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if first_numeric
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+'))
+    {
         Ok(v.to_string())
     } else {
-        Err(ApiError::BadRequest("Invalid version - expected format x.y.z".into()))
+        Err(ApiError::BadRequest(
+            "Invalid version - expected format x.y.z".into(),
+        ))
     }
 }
 
 fn validate_schema(raw: &str) -> ApiResult<String> {
     if raw.len() > 64 * 1024 {
-        return Err(ApiError::BadRequest("'arguments_schema' is larger than 64 KiB.".into()));
+        return Err(ApiError::BadRequest(
+            "'arguments_schema' is larger than 64 KiB.".into(),
+        ));
     }
     match serde_json::from_str::<Value>(raw) {
         Ok(Value::Object(_)) => Ok(raw.to_string()),
-        _ => Err(ApiError::BadRequest("'arguments_schema' must be a JSON object.".into())),
+        _ => Err(ApiError::BadRequest(
+            "'arguments_schema' must be a JSON object.".into(),
+        )),
     }
 }
 
@@ -431,12 +533,18 @@ fn validate_config(config: &Value) -> ApiResult<()> {
         match map.get(key) {
             None | Some(Value::Null) => {}
             Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= max) => {}
-            Some(_) => return Err(ApiError::BadRequest(format!("'config.{key}' must be a whole number from 0 to {max}."))),
+            Some(_) => {
+                return Err(ApiError::BadRequest(format!(
+                    "'config.{key}' must be a whole number from 0 to {max}."
+                )));
+            }
         }
     }
     match map.get("auto_scaling") {
         None | Some(Value::Null) | Some(Value::Bool(_)) => Ok(()),
-        Some(_) => Err(ApiError::BadRequest("'config.auto_scaling' must be true or false.".into())),
+        Some(_) => Err(ApiError::BadRequest(
+            "'config.auto_scaling' must be true or false.".into(),
+        )),
     }
 }
 
@@ -448,14 +556,18 @@ fn normalize_arguments(raw: Option<Value>, max_bytes: usize) -> ApiResult<String
         Some(Value::String(s)) if s.trim().is_empty() => "{}".to_string(),
         Some(Value::String(s)) => {
             if s.len() <= max_bytes && serde_json::from_str::<serde::de::IgnoredAny>(&s).is_err() {
-                return Err(ApiError::BadRequest("'arguments' must be a JSON-encoded string.".into()));
+                return Err(ApiError::BadRequest(
+                    "'arguments' must be a JSON-encoded string.".into(),
+                ));
             }
             s
         }
         Some(other) => other.to_string(),
     };
     if text.len() > max_bytes {
-        return Err(ApiError::PayloadTooLarge(format!("'arguments' is larger than {max_bytes} bytes.")));
+        return Err(ApiError::PayloadTooLarge(format!(
+            "'arguments' is larger than {max_bytes} bytes."
+        )));
     }
     Ok(text)
 }
@@ -475,7 +587,10 @@ mod tests {
 
     #[test]
     fn dependencies_forms() {
-        assert_eq!(parse_dependencies("[\"a==1.0\", {\"b\": \"2\"}, \"c\"]").unwrap(), vec!["a==1.0", "b==2", "c"]);
+        assert_eq!(
+            parse_dependencies("[\"a==1.0\", {\"b\": \"2\"}, \"c\"]").unwrap(),
+            vec!["a==1.0", "b==2", "c"]
+        );
         assert!(parse_dependencies("{}").is_err());
         assert!(parse_dependencies("[\"a==1==2\"]").is_err());
         assert!(parse_dependencies("[\"a; rm -rf\"]").is_err());
@@ -484,11 +599,23 @@ mod tests {
 
     #[test]
     fn arguments() {
-        assert_eq!(normalize_arguments(Some(Value::String("{\"a\":1}".into())), 100).unwrap(), "{\"a\":1}");
-        assert_eq!(normalize_arguments(Some(serde_json::json!({"a": 1})), 100).unwrap(), "{\"a\":1}");
+        assert_eq!(
+            normalize_arguments(Some(Value::String("{\"a\":1}".into())), 100).unwrap(),
+            "{\"a\":1}"
+        );
+        assert_eq!(
+            normalize_arguments(Some(serde_json::json!({"a": 1})), 100).unwrap(),
+            "{\"a\":1}"
+        );
         assert_eq!(normalize_arguments(None, 100).unwrap(), "{}");
-        assert!(matches!(normalize_arguments(Some(Value::String("{nope".into())), 100), Err(ApiError::BadRequest(_))));
-        assert!(matches!(normalize_arguments(Some(Value::String("\"xxxxxxxx\"".into())), 4), Err(ApiError::PayloadTooLarge(_))));
+        assert!(matches!(
+            normalize_arguments(Some(Value::String("{nope".into())), 100),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            normalize_arguments(Some(Value::String("\"xxxxxxxx\"".into())), 4),
+            Err(ApiError::PayloadTooLarge(_))
+        ));
     }
 
     #[test]
@@ -502,8 +629,14 @@ mod tests {
     #[test]
     fn titles_and_versions() {
         assert_eq!(function_title("my fn", None).unwrap(), "myfn");
-        assert!(matches!(function_title("p/t", None), Err(ApiError::NotFound(_))));
-        assert!(matches!(function_title("a/b/c", None), Err(ApiError::BadRequest(_))));
+        assert!(matches!(
+            function_title("p/t", None),
+            Err(ApiError::NotFound(_))
+        ));
+        assert!(matches!(
+            function_title("a/b/c", None),
+            Err(ApiError::BadRequest(_))
+        ));
         assert!(function_title("!!!", None).is_err());
         assert!(validate_version("1.2.3").is_ok());
         assert!(validate_version("abc").is_err());

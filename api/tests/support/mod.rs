@@ -35,8 +35,13 @@ pub fn ray_url() -> String {
 pub async fn fresh_database() -> (String, String) {
     let admin_url = required_env("GATEWAY_TEST_DATABASE_URL");
     let name = format!("gwt_{}", Uuid::new_v4().simple());
-    let admin = PgPool::connect(&admin_url).await.expect("connect to the test Postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("create database");
+    let admin = PgPool::connect(&admin_url)
+        .await
+        .expect("connect to the test Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create database");
     admin.close().await;
     let (base, _) = admin_url.rsplit_once('/').expect("database URL has a path");
     (format!("{base}/{name}"), name)
@@ -45,7 +50,11 @@ pub async fn fresh_database() -> (String, String) {
 pub async fn drop_database(name: &str) {
     let admin_url = required_env("GATEWAY_TEST_DATABASE_URL");
     if let Ok(admin) = PgPool::connect(&admin_url).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await;
         admin.close().await;
     }
 }
@@ -59,7 +68,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { workers: 1, vars: BTreeMap::new(), redis_url: None }
+        Options {
+            workers: 1,
+            vars: BTreeMap::new(),
+            redis_url: None,
+        }
     }
 }
 
@@ -107,7 +120,10 @@ impl TestGateway {
         shared::init_crypto();
         shared::telemetry::init_for_tests();
         let (db_url, db_name) = fresh_database().await;
-        let redis_url = opts.redis_url.clone().unwrap_or_else(|| required_env("GATEWAY_TEST_REDIS_URL"));
+        let redis_url = opts
+            .redis_url
+            .clone()
+            .unwrap_or_else(|| required_env("GATEWAY_TEST_REDIS_URL"));
         let prefix = format!("gwt:{}", Uuid::new_v4().simple());
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut vars: BTreeMap<String, String> = [
@@ -116,7 +132,10 @@ impl TestGateway {
             ("GATEWAY_REDIS_PREFIX", prefix.as_str()),
             ("GATEWAY_LISTEN", "127.0.0.1:0"),
             ("SETTINGS_AUTH_MECHANISM", "mock_token"),
-            ("SETTINGS_AUTH_MOCK_TOKENS", "alice-token=alice,bob-token=bob"),
+            (
+                "SETTINGS_AUTH_MOCK_TOKENS",
+                "alice-token=alice,bob-token=bob",
+            ),
             ("GATEWAY_SECRET_KEY", "test-secret"),
             ("RAY_CLUSTER_MODE_LOCAL", "1"),
             ("GATEWAY_QUEUE_HEARTBEAT_MS", "500"),
@@ -124,13 +143,18 @@ impl TestGateway {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        vars.insert("GATEWAY_DATA_DIR".into(), data_dir.path().display().to_string());
+        vars.insert(
+            "GATEWAY_DATA_DIR".into(),
+            data_dir.path().display().to_string(),
+        );
         if let Ok(ray) = std::env::var("GATEWAY_TEST_RAY_URL") {
             vars.insert("RAY_CLUSTER_MODE_LOCAL_HOST".into(), ray);
         }
         vars.extend(opts.vars.clone());
 
-        let app = api::startup::Application::build(config_from(&vars)).await.expect("API starts");
+        let app = api::startup::Application::build(config_from(&vars))
+            .await
+            .expect("API starts");
         let url = format!("http://{}", app.addr());
         // Workers (in-process or spawned) reach the API at its real address.
         vars.insert("SITE_HOST".into(), url.clone());
@@ -138,7 +162,9 @@ impl TestGateway {
         let api_task = tokio::spawn(app.run_until(async move {
             let _ = rx.await;
         }));
-        let pool = PgPool::connect(&db_url).await.expect("connect test database");
+        let pool = PgPool::connect(&db_url)
+            .await
+            .expect("connect test database");
         let mut gw = TestGateway {
             url,
             vars,
@@ -200,17 +226,42 @@ impl TestGateway {
     }
 
     pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
-        let resp = self.http.get(self.api(path)).bearer_auth(token).send().await.expect("GET");
+        let resp = self
+            .http
+            .get(self.api(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET");
         status_json(resp).await
     }
 
     pub async fn post_json(&self, token: &str, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self.http.post(self.api(path)).bearer_auth(token).json(body).send().await.expect("POST");
+        let resp = self
+            .http
+            .post(self.api(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
         status_json(resp).await
     }
 
-    pub async fn post_form(&self, token: &str, path: &str, form: reqwest::multipart::Form) -> (u16, Value) {
-        let resp = self.http.post(self.api(path)).bearer_auth(token).multipart(form).send().await.expect("POST");
+    pub async fn post_form(
+        &self,
+        token: &str,
+        path: &str,
+        form: reqwest::multipart::Form,
+    ) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.api(path))
+            .bearer_auth(token)
+            .multipart(form)
+            .send()
+            .await
+            .expect("POST");
         status_json(resp).await
     }
 
@@ -221,7 +272,10 @@ impl TestGateway {
             .text("entrypoint", "main.py")
             .text("dependencies", "[]")
             .text("env_vars", "{}")
-            .part("artifact", reqwest::multipart::Part::bytes(tar_of(files)).file_name("artifact.tar"));
+            .part(
+                "artifact",
+                reqwest::multipart::Part::bytes(tar_of(files)).file_name("artifact.tar"),
+            );
         self.post_form(token, "programs/upload/", form).await
     }
 
@@ -238,20 +292,31 @@ impl TestGateway {
     }
 
     pub async fn job_status(&self, token: &str, id: &str) -> String {
-        let (status, job) = self.get(token, &format!("jobs/{id}/?with_result=false")).await;
+        let (status, job) = self
+            .get(token, &format!("jobs/{id}/?with_result=false"))
+            .await;
         assert_eq!(status, 200, "job lookup answered {job}");
         job["status"].as_str().expect("status").to_string()
     }
 
     /// Waits until the job's status is one of `wanted`.
-    pub async fn wait_status(&self, token: &str, id: &str, wanted: &[&str], timeout: Duration) -> String {
+    pub async fn wait_status(
+        &self,
+        token: &str,
+        id: &str,
+        wanted: &[&str],
+        timeout: Duration,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let status = self.job_status(token, id).await;
             if wanted.contains(&status.as_str()) {
                 return status;
             }
-            assert!(Instant::now() < deadline, "job {id} is {status} after {timeout:?}, expected one of {wanted:?}");
+            assert!(
+                Instant::now() < deadline,
+                "job {id} is {status} after {timeout:?}, expected one of {wanted:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -259,7 +324,9 @@ impl TestGateway {
     /// Runs a Python script from `api/tests/python/` with the current
     /// client's venv; the script prints one JSON document last.
     pub async fn python(&self, script: &str, env: &[(&str, &str)]) -> Value {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/python")
+            .join(script);
         let output = tokio::process::Command::new(required_env("GATEWAY_TEST_PYTHON"))
             .arg(&path)
             .env("GATEWAY_URL", &self.url)
@@ -270,14 +337,28 @@ impl TestGateway {
             .expect("run python");
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", output.status);
-        let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("{script} printed no JSON last ({e}):\n{stdout}\n{stderr}"))
+        assert!(
+            output.status.success(),
+            "{script} failed ({}):\n{stdout}\n{stderr}",
+            output.status
+        );
+        let last = stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default();
+        serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("{script} printed no JSON last ({e}):\n{stdout}\n{stderr}"))
     }
 
     /// Ray's view of a job (`None` when Ray never saw it).
     pub async fn ray_job(&self, id: &str) -> Option<Value> {
-        let resp = self.http.get(format!("{}/api/jobs/{id}", ray_url())).send().await.expect("ray GET");
+        let resp = self
+            .http
+            .get(format!("{}/api/jobs/{id}", ray_url()))
+            .send()
+            .await
+            .expect("ray GET");
         if resp.status().as_u16() == 404 {
             return None;
         }
@@ -286,7 +367,9 @@ impl TestGateway {
 
     /// Live slot leases under this gateway's prefix.
     pub async fn leases(&self) -> usize {
-        let limiter = shared::limiter::RedisLimiter::connect(&self.redis_url, &self.prefix).await.expect("limiter");
+        let limiter = shared::limiter::RedisLimiter::connect(&self.redis_url, &self.prefix)
+            .await
+            .expect("limiter");
         limiter.leases_total().await.expect("leases")
     }
 
@@ -294,14 +377,28 @@ impl TestGateway {
     /// entries over all workers). Both return to 0 once jobs are done.
     pub async fn queue_residue(&self) -> (usize, usize) {
         let client = redis::Client::open(self.redis_url.as_str()).expect("redis URL");
-        let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
         let queue = format!("{}:dispatch", self.prefix);
-        let data: usize = redis::cmd("HLEN").arg(format!("{queue}:data")).query_async(&mut conn).await.unwrap_or(0);
-        let sets: Vec<String> =
-            redis::cmd("KEYS").arg(format!("{queue}:inflight:*")).query_async(&mut conn).await.unwrap_or_default();
+        let data: usize = redis::cmd("HLEN")
+            .arg(format!("{queue}:data"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(0);
+        let sets: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{queue}:inflight:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
         let mut inflight = 0;
         for set in sets {
-            inflight += redis::cmd("SCARD").arg(set).query_async::<usize>(&mut conn).await.unwrap_or(0);
+            inflight += redis::cmd("SCARD")
+                .arg(set)
+                .query_async::<usize>(&mut conn)
+                .await
+                .unwrap_or(0);
         }
         (data, inflight)
     }
@@ -326,7 +423,11 @@ impl TestGateway {
         if let Ok(client) = redis::Client::open(self.redis_url.as_str())
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
         {
-            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", self.prefix)).query_async(&mut conn).await.unwrap_or_default();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", self.prefix))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
             if !keys.is_empty() {
                 let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
             }
@@ -346,7 +447,11 @@ impl Drop for TestGateway {
 async fn status_json(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    let json = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    let json = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
     (status, json)
 }
 
@@ -358,7 +463,9 @@ pub fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
         header.set_size(content.len() as u64);
         header.set_mode(0o644);
         header.set_cksum();
-        builder.append_data(&mut header, name, content.as_bytes()).expect("tar entry");
+        builder
+            .append_data(&mut header, name, content.as_bytes())
+            .expect("tar entry");
     }
     builder.into_inner().expect("tar")
 }
@@ -367,6 +474,10 @@ pub fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
 pub fn binary(name: &str) -> PathBuf {
     let api = PathBuf::from(env!("CARGO_BIN_EXE_gateway-api"));
     let path = api.with_file_name(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
     path
 }

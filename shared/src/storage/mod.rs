@@ -31,7 +31,9 @@ impl StorageError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StorageError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
+            StorageError::Db(
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+            )
         )
     }
 }
@@ -161,7 +163,10 @@ pub enum CreateJob {
 pub enum StopOutcome {
     /// The job was active and is STOPPED now; `was` tells whether Ray may
     /// hold it.
-    Stopped { was: JobStatus, ray_host: Option<String> },
+    Stopped {
+        was: JobStatus,
+        ray_host: Option<String>,
+    },
     AlreadyTerminal,
     NotFound,
 }
@@ -298,13 +303,21 @@ impl Store {
     /// Proves this process has the deployment's secret key: the first
     /// process seals a known value, every later one must open it. A process
     /// with another key would fail every job it touches, so it must not start.
-    pub async fn check_secret_key(&self, secrets: &crate::secrets::SecretBox) -> Result<(), KeyCheckError> {
+    pub async fn check_secret_key(
+        &self,
+        secrets: &crate::secrets::SecretBox,
+    ) -> Result<(), KeyCheckError> {
         if self.setting(KEY_CHECK).await?.is_none() {
-            let sealed = secrets.seal(KEY_CHECK_PLAIN).map_err(|_| KeyCheckError::Mismatch)?;
+            let sealed = secrets
+                .seal(KEY_CHECK_PLAIN)
+                .map_err(|_| KeyCheckError::Mismatch)?;
             self.insert_setting(KEY_CHECK, &sealed).await?;
         }
         // Read back: of two first starters, only one value was kept.
-        let stored = self.setting(KEY_CHECK).await?.ok_or(KeyCheckError::Mismatch)?;
+        let stored = self
+            .setting(KEY_CHECK)
+            .await?
+            .ok_or(KeyCheckError::Mismatch)?;
         match secrets.open(&stored) {
             Ok(plain) if plain == KEY_CHECK_PLAIN => Ok(()),
             _ => Err(KeyCheckError::Mismatch),

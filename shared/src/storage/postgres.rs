@@ -33,7 +33,8 @@ const JOB_COLUMNS: &str = "j.id, j.author_id, j.program_id, j.status, j.sub_stat
 
 fn status_of(row: &PgRow, col: &str) -> StorageResult<JobStatus> {
     let raw: String = row.try_get(col)?;
-    raw.parse().map_err(|e: crate::domain::UnknownStatus| StorageError::Corrupt(e.to_string()))
+    raw.parse()
+        .map_err(|e: crate::domain::UnknownStatus| StorageError::Corrupt(e.to_string()))
 }
 
 fn program_from(row: &PgRow, prefix: &str) -> StorageResult<Program> {
@@ -86,7 +87,15 @@ async fn status_event(
     origin: EventOrigin,
     context: EventContext,
 ) -> StorageResult<()> {
-    event(tx, job_id, "STATUS_CHANGE", origin, context, json!({ "status": status.as_str() })).await
+    event(
+        tx,
+        job_id,
+        "STATUS_CHANGE",
+        origin,
+        context,
+        json!({ "status": status.as_str() }),
+    )
+    .await
 }
 
 async fn event(
@@ -112,7 +121,8 @@ async fn event(
 /// can never perform a transition the domain forbids.
 fn assert_legal(from: &[JobStatus], to: JobStatus) -> StorageResult<()> {
     for f in from {
-        f.transition(to).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        f.transition(to)
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
     }
     Ok(())
 }
@@ -149,14 +159,17 @@ impl PgStore {
     /// for the API to migrate rather than racing it).
     pub async fn schema_ready(&self) -> StorageResult<bool> {
         let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
-            .fetch_one(&self.pool)
-            .await?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+                .fetch_one(&self.pool)
+                .await?;
         if exists.is_none() {
             return Ok(false);
         }
         let applied: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&self.pool).await?;
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
         Ok(applied.unwrap_or(0) >= latest)
     }
 
@@ -176,7 +189,10 @@ impl PgStore {
         .bind(username)
         .fetch_one(&self.pool)
         .await?;
-        Ok(User { id, username: username.to_string() })
+        Ok(User {
+            id,
+            username: username.to_string(),
+        })
     }
 
     // ---- artifacts and programs --------------------------------------------
@@ -192,15 +208,21 @@ impl PgStore {
     }
 
     pub async fn artifact(&self, sha256: &str) -> StorageResult<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT data FROM artifacts WHERE sha256 = $1")
-            .bind(sha256)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT data FROM artifacts WHERE sha256 = $1")
+                .bind(sha256)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Creates or updates the author's function of that title. On create a
     /// missing entrypoint defaults to `main.py`.
-    pub async fn upsert_program(&self, author_id: Uuid, p: &ProgramUpsert) -> StorageResult<Program> {
+    pub async fn upsert_program(
+        &self,
+        author_id: Uuid,
+        p: &ProgramUpsert,
+    ) -> StorageResult<Program> {
         let artifact_sha = p.artifact.as_ref().map(|(sha, _)| sha.clone());
         let artifact_name = p.artifact.as_ref().map(|(_, name)| name.clone());
         let sql = format!(
@@ -240,14 +262,29 @@ impl PgStore {
     }
 
     pub async fn programs(&self, author_id: Uuid) -> StorageResult<Vec<Program>> {
-        let sql = format!("SELECT {PROGRAM_COLUMNS} FROM programs p WHERE p.author_id = $1 ORDER BY p.created DESC");
-        let rows = sqlx::query(AssertSqlSafe(sql)).bind(author_id).fetch_all(&self.pool).await?;
+        let sql = format!(
+            "SELECT {PROGRAM_COLUMNS} FROM programs p WHERE p.author_id = $1 ORDER BY p.created DESC"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(author_id)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(|r| program_from(r, "")).collect()
     }
 
-    pub async fn program_by_title(&self, author_id: Uuid, title: &str) -> StorageResult<Option<Program>> {
-        let sql = format!("SELECT {PROGRAM_COLUMNS} FROM programs p WHERE p.author_id = $1 AND p.title = $2");
-        let row = sqlx::query(AssertSqlSafe(sql)).bind(author_id).bind(title).fetch_optional(&self.pool).await?;
+    pub async fn program_by_title(
+        &self,
+        author_id: Uuid,
+        title: &str,
+    ) -> StorageResult<Option<Program>> {
+        let sql = format!(
+            "SELECT {PROGRAM_COLUMNS} FROM programs p WHERE p.author_id = $1 AND p.title = $2"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(author_id)
+            .bind(title)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(|r| program_from(r, "")).transpose()
     }
 
@@ -284,7 +321,14 @@ impl PgStore {
             .bind(json!(new.pip))
             .fetch_one(&mut *tx)
             .await?;
-        status_event(&mut tx, new.id, JobStatus::Queued, EventOrigin::Api, EventContext::RunProgram).await?;
+        status_event(
+            &mut tx,
+            new.id,
+            JobStatus::Queued,
+            EventOrigin::Api,
+            EventContext::RunProgram,
+        )
+        .await?;
         tx.commit().await?;
         Ok(CreateJob::Created(job_from(&row)?))
     }
@@ -300,15 +344,27 @@ impl PgStore {
 
     /// The author's job with its program, or `None` (also for other users' jobs).
     pub async fn job(&self, author_id: Uuid, id: Uuid) -> StorageResult<Option<JobView>> {
-        let program_columns: Vec<String> =
-            PROGRAM_COLUMNS.split(", ").map(|c| format!("{c} AS p_{}", c.trim_start_matches("p."))).collect();
+        let program_columns: Vec<String> = PROGRAM_COLUMNS
+            .split(", ")
+            .map(|c| format!("{c} AS p_{}", c.trim_start_matches("p.")))
+            .collect();
         let sql = format!(
             "SELECT {JOB_COLUMNS}, {} FROM jobs j JOIN programs p ON p.id = j.program_id \
              WHERE j.id = $1 AND j.author_id = $2",
             program_columns.join(", ")
         );
-        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).bind(author_id).fetch_optional(&self.pool).await?;
-        row.map(|r| Ok(JobView { job: job_from(&r)?, program: program_from(&r, "p_")? })).transpose()
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(author_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(JobView {
+                job: job_from(&r)?,
+                program: program_from(&r, "p_")?,
+            })
+        })
+        .transpose()
     }
 
     /// A page of the author's jobs, newest first, and the total count. The
@@ -352,8 +408,9 @@ impl PgStore {
                 .await?
                 .unwrap_or(0)
         } else {
-            let count_sql =
-                format!("SELECT count(*) FROM jobs j JOIN programs p ON p.id = j.program_id WHERE {conditions}");
+            let count_sql = format!(
+                "SELECT count(*) FROM jobs j JOIN programs p ON p.id = j.program_id WHERE {conditions}"
+            );
             sqlx::query_scalar(AssertSqlSafe(count_sql))
                 .bind(author_id)
                 .bind(&filter.function)
@@ -382,18 +439,30 @@ impl PgStore {
 
     /// Stores a result the function POSTed. Returns false when the job is
     /// not the author's.
-    pub async fn save_posted_result(&self, author_id: Uuid, id: Uuid, result: &str) -> StorageResult<bool> {
-        let n = sqlx::query("UPDATE jobs SET result = $3, updated = now() WHERE id = $1 AND author_id = $2")
-            .bind(id)
-            .bind(author_id)
-            .bind(result)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+    pub async fn save_posted_result(
+        &self,
+        author_id: Uuid,
+        id: Uuid,
+        result: &str,
+    ) -> StorageResult<bool> {
+        let n = sqlx::query(
+            "UPDATE jobs SET result = $3, updated = now() WHERE id = $1 AND author_id = $2",
+        )
+        .bind(id)
+        .bind(author_id)
+        .bind(result)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(n == 1)
     }
 
-    pub async fn set_sub_status(&self, author_id: Uuid, id: Uuid, sub: &str) -> StorageResult<SubStatusOutcome> {
+    pub async fn set_sub_status(
+        &self,
+        author_id: Uuid,
+        id: Uuid,
+        sub: &str,
+    ) -> StorageResult<SubStatusOutcome> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "SELECT status, sub_status FROM jobs WHERE id = $1 AND author_id = $2 FOR UPDATE",
@@ -402,7 +471,9 @@ impl PgStore {
         .bind(author_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = row else { return Ok(SubStatusOutcome::NotFound) };
+        let Some(row) = row else {
+            return Ok(SubStatusOutcome::NotFound);
+        };
         let status = status_of(&row, "status")?;
         if status.is_terminal() {
             return Ok(SubStatusOutcome::NotActive(status));
@@ -414,8 +485,15 @@ impl PgStore {
                 .bind(sub)
                 .execute(&mut *tx)
                 .await?;
-            event(&mut tx, id, "SUB_STATUS_CHANGE", EventOrigin::Api, EventContext::SetSubStatus, json!({ "sub_status": sub }))
-                .await?;
+            event(
+                &mut tx,
+                id,
+                "SUB_STATUS_CHANGE",
+                EventOrigin::Api,
+                EventContext::SetSubStatus,
+                json!({ "sub_status": sub }),
+            )
+            .await?;
         }
         tx.commit().await?;
         match self.job(author_id, id).await? {
@@ -426,30 +504,54 @@ impl PgStore {
 
     /// Adds an ERROR event from the running function. `Ok(None)` = not found,
     /// `Ok(Some(false))` = the job is not active.
-    pub async fn add_error_event(&self, author_id: Uuid, id: Uuid, data: Value) -> StorageResult<Option<bool>> {
+    pub async fn add_error_event(
+        &self,
+        author_id: Uuid,
+        id: Uuid,
+        data: Value,
+    ) -> StorageResult<Option<bool>> {
         let mut tx = self.pool.begin().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND author_id = $2")
-            .bind(id)
-            .bind(author_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(status) = status else { return Ok(None) };
-        let status: JobStatus = status.parse().map_err(|e: crate::domain::UnknownStatus| StorageError::Corrupt(e.to_string()))?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND author_id = $2")
+                .bind(id)
+                .bind(author_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(status) = status else {
+            return Ok(None);
+        };
+        let status: JobStatus = status
+            .parse()
+            .map_err(|e: crate::domain::UnknownStatus| StorageError::Corrupt(e.to_string()))?;
         if status.is_terminal() {
             return Ok(Some(false));
         }
-        event(&mut tx, id, "ERROR", EventOrigin::Api, EventContext::SendError, data).await?;
+        event(
+            &mut tx,
+            id,
+            "ERROR",
+            EventOrigin::Api,
+            EventContext::SendError,
+            data,
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some(true))
     }
 
     /// The job's events, newest first; `None` when the job is not the author's.
-    pub async fn events(&self, author_id: Uuid, id: Uuid, event_type: Option<&str>) -> StorageResult<Option<Vec<JobEvent>>> {
-        let owned: Option<Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE id = $1 AND author_id = $2")
-            .bind(id)
-            .bind(author_id)
-            .fetch_optional(&self.pool)
-            .await?;
+    pub async fn events(
+        &self,
+        author_id: Uuid,
+        id: Uuid,
+        event_type: Option<&str>,
+    ) -> StorageResult<Option<Vec<JobEvent>>> {
+        let owned: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE id = $1 AND author_id = $2")
+                .bind(id)
+                .bind(author_id)
+                .fetch_optional(&self.pool)
+                .await?;
         if owned.is_none() {
             return Ok(None);
         }
@@ -480,12 +582,16 @@ impl PgStore {
     /// Ray and keeps its logs.
     pub async fn stop_job(&self, author_id: Uuid, id: Uuid) -> StorageResult<StopOutcome> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT status, ray_host FROM jobs WHERE id = $1 AND author_id = $2 FOR UPDATE")
-            .bind(id)
-            .bind(author_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else { return Ok(StopOutcome::NotFound) };
+        let row = sqlx::query(
+            "SELECT status, ray_host FROM jobs WHERE id = $1 AND author_id = $2 FOR UPDATE",
+        )
+        .bind(id)
+        .bind(author_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(StopOutcome::NotFound);
+        };
         let was = status_of(&row, "status")?;
         if was.transition(JobStatus::Stopped).is_err() {
             return Ok(StopOutcome::AlreadyTerminal);
@@ -503,7 +609,14 @@ impl PgStore {
             .bind(author_id)
             .execute(&mut *tx)
             .await?;
-        status_event(&mut tx, id, JobStatus::Stopped, EventOrigin::Api, EventContext::StopJob).await?;
+        status_event(
+            &mut tx,
+            id,
+            JobStatus::Stopped,
+            EventOrigin::Api,
+            EventContext::StopJob,
+        )
+        .await?;
         tx.commit().await?;
         Ok(StopOutcome::Stopped { was, ray_host })
     }
@@ -515,7 +628,12 @@ impl PgStore {
     /// A live claim is exclusive even for its own worker: one process runs
     /// many handlers, and two wake-ups of the same job (the API's push and a
     /// reconciler sweep) must not both submit it.
-    pub async fn claim_for_dispatch(&self, id: Uuid, worker: &str, ttl: Duration) -> StorageResult<Option<DispatchJob>> {
+    pub async fn claim_for_dispatch(
+        &self,
+        id: Uuid,
+        worker: &str,
+        ttl: Duration,
+    ) -> StorageResult<Option<DispatchJob>> {
         let row = sqlx::query(
             "WITH claimed AS ( \
                  UPDATE jobs SET claimed_by = $2, claim_until = now() + make_interval(secs => $3), \
@@ -545,7 +663,8 @@ impl PgStore {
             arguments: r.try_get("arguments")?,
             env_sealed: r.try_get("env_sealed")?,
             program_env_sealed: r.try_get("env_vars_sealed")?,
-            pip: serde_json::from_value(pip).map_err(|e| StorageError::Corrupt(format!("jobs.pip: {e}")))?,
+            pip: serde_json::from_value(pip)
+                .map_err(|e| StorageError::Corrupt(format!("jobs.pip: {e}")))?,
             dispatch_attempts: r.try_get("dispatch_attempts")?,
         }))
     }
@@ -576,16 +695,26 @@ impl PgStore {
     }
 
     pub async fn job_status(&self, id: Uuid) -> StorageResult<Option<JobStatus>> {
-        let s: Option<String> =
-            sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
-        s.map(|s| s.parse().map_err(|e: crate::domain::UnknownStatus| StorageError::Corrupt(e.to_string())))
-            .transpose()
+        let s: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        s.map(|s| {
+            s.parse()
+                .map_err(|e: crate::domain::UnknownStatus| StorageError::Corrupt(e.to_string()))
+        })
+        .transpose()
     }
 
     /// QUEUED → PENDING after Ray accepted the job. False when the job left
     /// QUEUED meanwhile (a user stop won the race); the caller then records
     /// the submission with [`Self::mark_submitted_after_stop`] and stops it on Ray.
-    pub async fn mark_pending(&self, id: Uuid, worker: &str, ray_host: &str) -> StorageResult<bool> {
+    pub async fn mark_pending(
+        &self,
+        id: Uuid,
+        worker: &str,
+        ray_host: &str,
+    ) -> StorageResult<bool> {
         assert_legal(&[JobStatus::Queued], JobStatus::Pending)?;
         let mut tx = self.pool.begin().await?;
         let author: Option<Uuid> = sqlx::query_scalar(
@@ -598,12 +727,21 @@ impl PgStore {
         .bind(ray_host)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(author) = author else { return Ok(false) };
+        let Some(author) = author else {
+            return Ok(false);
+        };
         sqlx::query("UPDATE users SET last_dispatched_at = now() WHERE id = $1")
             .bind(author)
             .execute(&mut *tx)
             .await?;
-        status_event(&mut tx, id, JobStatus::Pending, EventOrigin::Scheduler, EventContext::ScheduleJobs).await?;
+        status_event(
+            &mut tx,
+            id,
+            JobStatus::Pending,
+            EventOrigin::Scheduler,
+            EventContext::ScheduleJobs,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -635,19 +773,33 @@ impl PgStore {
         .bind(reason)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(author) = author else { return Ok(false) };
+        let Some(author) = author else {
+            return Ok(false);
+        };
         sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = $1")
             .bind(author)
             .execute(&mut *tx)
             .await?;
-        status_event(&mut tx, id, JobStatus::Failed, EventOrigin::Scheduler, EventContext::ScheduleJobs).await?;
+        status_event(
+            &mut tx,
+            id,
+            JobStatus::Failed,
+            EventOrigin::Scheduler,
+            EventContext::ScheduleJobs,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
 
     /// Takes (or keeps) tracking ownership of submitted, unfinalized jobs:
     /// those nobody tracks, this worker's, and those whose tracker went silent.
-    pub async fn claim_tracking(&self, worker: &str, ttl: Duration, limit: i64) -> StorageResult<Vec<TrackedJob>> {
+    pub async fn claim_tracking(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        limit: i64,
+    ) -> StorageResult<Vec<TrackedJob>> {
         let rows = sqlx::query(
             "WITH picked AS ( \
                  SELECT id FROM jobs WHERE ray_submitted AND NOT finalized \
@@ -671,7 +823,9 @@ impl PgStore {
                     id: r.try_get("id")?,
                     username: r.try_get("username")?,
                     status: status_of(r, "status")?,
-                    ray_host: r.try_get::<Option<String>, _>("ray_host")?.unwrap_or_default(),
+                    ray_host: r
+                        .try_get::<Option<String>, _>("ray_host")?
+                        .unwrap_or_default(),
                     program_title: r.try_get("title")?,
                     provider: r.try_get("provider")?,
                 })
@@ -680,7 +834,11 @@ impl PgStore {
     }
 
     /// PENDING → RUNNING as Ray reports it.
-    pub async fn mark_running(&self, id: Uuid, ray_start: Option<DateTime<Utc>>) -> StorageResult<bool> {
+    pub async fn mark_running(
+        &self,
+        id: Uuid,
+        ray_start: Option<DateTime<Utc>>,
+    ) -> StorageResult<bool> {
         assert_legal(&[JobStatus::Pending], JobStatus::Running)?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
@@ -695,7 +853,14 @@ impl PgStore {
         if n == 0 {
             return Ok(false);
         }
-        status_event(&mut tx, id, JobStatus::Running, EventOrigin::Scheduler, EventContext::UpdateJobStatus).await?;
+        status_event(
+            &mut tx,
+            id,
+            JobStatus::Running,
+            EventOrigin::Scheduler,
+            EventContext::UpdateJobStatus,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -706,21 +871,28 @@ impl PgStore {
     /// Returns the job's final status.
     pub async fn finish(&self, id: Uuid, fin: &Finish) -> StorageResult<Option<JobStatus>> {
         if !fin.status.is_terminal() {
-            return Err(StorageError::Corrupt(format!("finish with non-terminal status {}", fin.status)));
+            return Err(StorageError::Corrupt(format!(
+                "finish with non-terminal status {}",
+                fin.status
+            )));
         }
         assert_legal(&[JobStatus::Pending, JobStatus::Running], fin.status)?;
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT status, author_id FROM jobs WHERE id = $1 AND NOT finalized FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row = sqlx::query(
+            "SELECT status, author_id FROM jobs WHERE id = $1 AND NOT finalized FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(row) = row else { return Ok(None) };
         let current = status_of(&row, "status")?;
         let author: Uuid = row.try_get("author_id")?;
         let moves = !current.is_terminal();
         if moves {
             // Only a submitted (PENDING/RUNNING) job can end here.
-            current.transition(fin.status).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            current
+                .transition(fin.status)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
         }
         let final_status = if moves { fin.status } else { current };
         sqlx::query(
@@ -743,7 +915,14 @@ impl PgStore {
                 .bind(author)
                 .execute(&mut *tx)
                 .await?;
-            status_event(&mut tx, id, final_status, EventOrigin::Scheduler, EventContext::UpdateJobStatus).await?;
+            status_event(
+                &mut tx,
+                id,
+                final_status,
+                EventOrigin::Scheduler,
+                EventContext::UpdateJobStatus,
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(Some(final_status))
@@ -776,11 +955,21 @@ impl PgStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok(Candidate { job_id: r.try_get("id")? })).collect()
+        rows.iter()
+            .map(|r| {
+                Ok(Candidate {
+                    job_id: r.try_get("id")?,
+                })
+            })
+            .collect()
     }
 
     /// Ended Ray jobs still held by Ray `older_than` after they ended.
-    pub async fn ray_jobs_to_forget(&self, older_than: Duration, limit: i64) -> StorageResult<Vec<(Uuid, String)>> {
+    pub async fn ray_jobs_to_forget(
+        &self,
+        older_than: Duration,
+        limit: i64,
+    ) -> StorageResult<Vec<(Uuid, String)>> {
         let rows = sqlx::query(
             "SELECT id, ray_host FROM jobs WHERE finalized AND ray_submitted AND NOT ray_forgotten \
                AND ray_host IS NOT NULL AND ray_host <> 'local' \
@@ -790,25 +979,37 @@ impl PgStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("ray_host")?))).collect()
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("ray_host")?)))
+            .collect()
     }
 
     pub async fn mark_ray_forgotten(&self, id: Uuid) -> StorageResult<()> {
-        sqlx::query("UPDATE jobs SET ray_forgotten = true WHERE id = $1").bind(id).execute(&self.pool).await?;
+        sqlx::query("UPDATE jobs SET ray_forgotten = true WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     pub async fn setting(&self, key: &str) -> StorageResult<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = $1").bind(key).fetch_optional(&self.pool).await?)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Stores the value unless the key has one already.
     pub async fn insert_setting(&self, key: &str, value: &[u8]) -> StorageResult<()> {
-        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
-            .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -820,6 +1021,8 @@ impl PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("username")?))).collect()
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("username")?)))
+            .collect()
     }
 }

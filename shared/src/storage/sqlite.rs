@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 // Dynamic statements below are assembled only from the column-list constants
 // of this file; user input always goes through bind parameters.
 use sqlx::{AssertSqlSafe, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
@@ -99,7 +101,11 @@ const JOB_COLUMNS: &str = "id, author_id, program_id, status, sub_status, argume
 /// `PROGRAM_COLUMNS`/`JOB_COLUMNS` qualified by a table alias, each renamed
 /// with `prefix` (`p.id AS p_id, ...`).
 fn qualified(columns: &str, alias: &str, prefix: &str) -> String {
-    columns.split(", ").map(|c| format!("{alias}.{c} AS {prefix}{c}")).collect::<Vec<_>>().join(", ")
+    columns
+        .split(", ")
+        .map(|c| format!("{alias}.{c} AS {prefix}{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 // ---- representation --------------------------------------------------------
@@ -109,12 +115,16 @@ fn qualified(columns: &str, alias: &str, prefix: &str) -> String {
 /// those have the four-digit form.
 fn ts(t: DateTime<Utc>) -> String {
     let (min, max) = ts_range();
-    t.clamp(min, max).to_rfc3339_opts(SecondsFormat::Micros, true)
+    t.clamp(min, max)
+        .to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 fn ts_range() -> (DateTime<Utc>, DateTime<Utc>) {
     let parse = |s: &str| DateTime::parse_from_rfc3339(s).map(|t| t.to_utc());
-    match (parse("0001-01-01T00:00:00.000000Z"), parse("9999-12-31T23:59:59.999999Z")) {
+    match (
+        parse("0001-01-01T00:00:00.000000Z"),
+        parse("9999-12-31T23:59:59.999999Z"),
+    ) {
         (Ok(min), Ok(max)) => (min, max),
         _ => (DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC),
     }
@@ -127,14 +137,18 @@ fn now() -> String {
 /// `now + d` as stored (saturating).
 fn now_plus(d: Duration) -> String {
     let now = Utc::now();
-    let later = chrono::Duration::from_std(d).ok().and_then(|d| now.checked_add_signed(d));
+    let later = chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d));
     ts(later.unwrap_or(DateTime::<Utc>::MAX_UTC))
 }
 
 /// `now - d` as stored (saturating).
 fn now_minus(d: Duration) -> String {
     let now = Utc::now();
-    let earlier = chrono::Duration::from_std(d).ok().and_then(|d| now.checked_sub_signed(d));
+    let earlier = chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d));
     ts(earlier.unwrap_or(DateTime::<Utc>::MIN_UTC))
 }
 
@@ -152,7 +166,9 @@ fn uuid_of(row: &SqliteRow, col: &str) -> StorageResult<Uuid> {
 }
 
 fn parse_ts(col: &str, raw: &str) -> StorageResult<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(raw).map(|t| t.to_utc()).map_err(|e| corrupt(col, e))
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.to_utc())
+        .map_err(|e| corrupt(col, e))
 }
 
 fn ts_of(row: &SqliteRow, col: &str) -> StorageResult<DateTime<Utc>> {
@@ -171,7 +187,8 @@ fn json_of(row: &SqliteRow, col: &str) -> StorageResult<Value> {
 }
 
 fn parse_status(raw: &str) -> StorageResult<JobStatus> {
-    raw.parse().map_err(|e: crate::domain::UnknownStatus| StorageError::Corrupt(e.to_string()))
+    raw.parse()
+        .map_err(|e: crate::domain::UnknownStatus| StorageError::Corrupt(e.to_string()))
 }
 
 fn status_of(row: &SqliteRow, col: &str) -> StorageResult<JobStatus> {
@@ -230,7 +247,16 @@ async fn status_event(
     context: EventContext,
     at: &str,
 ) -> StorageResult<()> {
-    event(conn, job_id, "STATUS_CHANGE", origin, context, json!({ "status": status.as_str() }), at).await
+    event(
+        conn,
+        job_id,
+        "STATUS_CHANGE",
+        origin,
+        context,
+        json!({ "status": status.as_str() }),
+        at,
+    )
+    .await
 }
 
 async fn event(
@@ -260,7 +286,8 @@ async fn event(
 /// can never perform a transition the domain forbids.
 fn assert_legal(from: &[JobStatus], to: JobStatus) -> StorageResult<()> {
     for f in from {
-        f.transition(to).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        f.transition(to)
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
     }
     Ok(())
 }
@@ -272,7 +299,9 @@ impl SqliteStore {
     /// timeout of several seconds, four reader connections and one writer.
     pub async fn connect(path: &Path) -> StorageResult<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await.map_err(sqlx::Error::Io)?;
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(sqlx::Error::Io)?;
         }
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -304,7 +333,9 @@ impl SqliteStore {
 
     /// A transaction holding SQLite's write lock from its first statement.
     async fn write_tx(&self) -> StorageResult<WriteTx> {
-        Ok(WriteTx { tx: self.writer.begin_with("BEGIN IMMEDIATE").await? })
+        Ok(WriteTx {
+            tx: self.writer.begin_with("BEGIN IMMEDIATE").await?,
+        })
     }
 
     /// Applies migrations; concurrent calls in this process are serialised.
@@ -317,15 +348,18 @@ impl SqliteStore {
     /// True once every migration this binary knows is applied.
     pub async fn schema_ready(&self) -> StorageResult<bool> {
         let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let exists: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
-                .fetch_one(&self.pool)
-                .await?;
+        let exists: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         if exists == 0 {
             return Ok(false);
         }
         let applied: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&self.pool).await?;
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
         Ok(applied.unwrap_or(0) >= latest)
     }
 
@@ -346,7 +380,10 @@ impl SqliteStore {
         .bind(now())
         .fetch_one(&self.writer)
         .await?;
-        Ok(User { id: Uuid::from_str(&id).map_err(|e| corrupt("users.id", e))?, username: username.to_string() })
+        Ok(User {
+            id: Uuid::from_str(&id).map_err(|e| corrupt("users.id", e))?,
+            username: username.to_string(),
+        })
     }
 
     // ---- artifacts and programs --------------------------------------------
@@ -366,15 +403,21 @@ impl SqliteStore {
     }
 
     pub async fn artifact(&self, sha256: &str) -> StorageResult<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT data FROM artifacts WHERE sha256 = ?1")
-            .bind(sha256)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT data FROM artifacts WHERE sha256 = ?1")
+                .bind(sha256)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Creates or updates the author's function of that title. On create a
     /// missing entrypoint defaults to `main.py`.
-    pub async fn upsert_program(&self, author_id: Uuid, p: &ProgramUpsert) -> StorageResult<Program> {
+    pub async fn upsert_program(
+        &self,
+        author_id: Uuid,
+        p: &ProgramUpsert,
+    ) -> StorageResult<Program> {
         let artifact_sha = p.artifact.as_ref().map(|(sha, _)| sha.clone());
         let artifact_name = p.artifact.as_ref().map(|(_, name)| name.clone());
         let sql = format!(
@@ -415,14 +458,28 @@ impl SqliteStore {
     }
 
     pub async fn programs(&self, author_id: Uuid) -> StorageResult<Vec<Program>> {
-        let sql = format!("SELECT {PROGRAM_COLUMNS} FROM programs WHERE author_id = ?1 ORDER BY created DESC");
-        let rows = sqlx::query(AssertSqlSafe(sql)).bind(uid(author_id)).fetch_all(&self.pool).await?;
+        let sql = format!(
+            "SELECT {PROGRAM_COLUMNS} FROM programs WHERE author_id = ?1 ORDER BY created DESC"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(uid(author_id))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(|r| program_from(r, "")).collect()
     }
 
-    pub async fn program_by_title(&self, author_id: Uuid, title: &str) -> StorageResult<Option<Program>> {
-        let sql = format!("SELECT {PROGRAM_COLUMNS} FROM programs WHERE author_id = ?1 AND title = ?2");
-        let row = sqlx::query(AssertSqlSafe(sql)).bind(uid(author_id)).bind(title).fetch_optional(&self.pool).await?;
+    pub async fn program_by_title(
+        &self,
+        author_id: Uuid,
+        title: &str,
+    ) -> StorageResult<Option<Program>> {
+        let sql =
+            format!("SELECT {PROGRAM_COLUMNS} FROM programs WHERE author_id = ?1 AND title = ?2");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(uid(author_id))
+            .bind(title)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(|r| program_from(r, "")).transpose()
     }
 
@@ -461,7 +518,15 @@ impl SqliteStore {
             .bind(&at)
             .fetch_one(&mut *tx)
             .await?;
-        status_event(&mut tx, new.id, JobStatus::Queued, EventOrigin::Api, EventContext::RunProgram, &at).await?;
+        status_event(
+            &mut tx,
+            new.id,
+            JobStatus::Queued,
+            EventOrigin::Api,
+            EventContext::RunProgram,
+            &at,
+        )
+        .await?;
         tx.commit().await?;
         Ok(CreateJob::Created(job_from(&row)?))
     }
@@ -472,11 +537,13 @@ impl SqliteStore {
             return Ok(());
         }
         let ids = Value::from(ids.iter().map(|id| uid(*id)).collect::<Vec<_>>()).to_string();
-        sqlx::query("UPDATE jobs SET enqueued_at = ?1 WHERE id IN (SELECT value FROM json_each(?2))")
-            .bind(now())
-            .bind(ids)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            "UPDATE jobs SET enqueued_at = ?1 WHERE id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(now())
+        .bind(ids)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -488,8 +555,18 @@ impl SqliteStore {
             qualified(JOB_COLUMNS, "j", ""),
             qualified(PROGRAM_COLUMNS, "p", "p_"),
         );
-        let row = sqlx::query(AssertSqlSafe(sql)).bind(uid(id)).bind(uid(author_id)).fetch_optional(&self.pool).await?;
-        row.map(|r| Ok(JobView { job: job_from(&r)?, program: program_from(&r, "p_")? })).transpose()
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(uid(id))
+            .bind(uid(author_id))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(JobView {
+                job: job_from(&r)?,
+                program: program_from(&r, "p_")?,
+            })
+        })
+        .transpose()
     }
 
     /// A page of the author's jobs, newest first, and the total count. The
@@ -536,8 +613,9 @@ impl SqliteStore {
                 .await?
                 .unwrap_or(0)
         } else {
-            let count_sql =
-                format!("SELECT count(*) FROM jobs j JOIN programs p ON p.id = j.program_id WHERE {conditions}");
+            let count_sql = format!(
+                "SELECT count(*) FROM jobs j JOIN programs p ON p.id = j.program_id WHERE {conditions}"
+            );
             sqlx::query_scalar(AssertSqlSafe(count_sql))
                 .bind(&author)
                 .bind(&filter.function)
@@ -566,26 +644,41 @@ impl SqliteStore {
 
     /// Stores a result the function POSTed. Returns false when the job is
     /// not the author's.
-    pub async fn save_posted_result(&self, author_id: Uuid, id: Uuid, result: &str) -> StorageResult<bool> {
-        let n = sqlx::query("UPDATE jobs SET result = ?3, updated = ?4 WHERE id = ?1 AND author_id = ?2")
-            .bind(uid(id))
-            .bind(uid(author_id))
-            .bind(result)
-            .bind(now())
-            .execute(&self.writer)
-            .await?
-            .rows_affected();
+    pub async fn save_posted_result(
+        &self,
+        author_id: Uuid,
+        id: Uuid,
+        result: &str,
+    ) -> StorageResult<bool> {
+        let n = sqlx::query(
+            "UPDATE jobs SET result = ?3, updated = ?4 WHERE id = ?1 AND author_id = ?2",
+        )
+        .bind(uid(id))
+        .bind(uid(author_id))
+        .bind(result)
+        .bind(now())
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
         Ok(n == 1)
     }
 
-    pub async fn set_sub_status(&self, author_id: Uuid, id: Uuid, sub: &str) -> StorageResult<SubStatusOutcome> {
+    pub async fn set_sub_status(
+        &self,
+        author_id: Uuid,
+        id: Uuid,
+        sub: &str,
+    ) -> StorageResult<SubStatusOutcome> {
         let mut tx = self.write_tx().await?;
-        let row = sqlx::query("SELECT status, sub_status FROM jobs WHERE id = ?1 AND author_id = ?2")
-            .bind(uid(id))
-            .bind(uid(author_id))
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else { return tx.rollback_with(SubStatusOutcome::NotFound).await };
+        let row =
+            sqlx::query("SELECT status, sub_status FROM jobs WHERE id = ?1 AND author_id = ?2")
+                .bind(uid(id))
+                .bind(uid(author_id))
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(row) = row else {
+            return tx.rollback_with(SubStatusOutcome::NotFound).await;
+        };
         let status = status_of(&row, "status")?;
         if status.is_terminal() {
             return tx.rollback_with(SubStatusOutcome::NotActive(status)).await;
@@ -600,7 +693,16 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
             let data = json!({ "sub_status": sub });
-            event(&mut tx, id, "SUB_STATUS_CHANGE", EventOrigin::Api, EventContext::SetSubStatus, data, &at).await?;
+            event(
+                &mut tx,
+                id,
+                "SUB_STATUS_CHANGE",
+                EventOrigin::Api,
+                EventContext::SetSubStatus,
+                data,
+                &at,
+            )
+            .await?;
         }
         tx.commit().await?;
         match self.job(author_id, id).await? {
@@ -611,18 +713,35 @@ impl SqliteStore {
 
     /// Adds an ERROR event from the running function. `Ok(None)` = not found,
     /// `Ok(Some(false))` = the job is not active.
-    pub async fn add_error_event(&self, author_id: Uuid, id: Uuid, data: Value) -> StorageResult<Option<bool>> {
+    pub async fn add_error_event(
+        &self,
+        author_id: Uuid,
+        id: Uuid,
+        data: Value,
+    ) -> StorageResult<Option<bool>> {
         let mut tx = self.write_tx().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1 AND author_id = ?2")
-            .bind(uid(id))
-            .bind(uid(author_id))
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(status) = status else { return tx.rollback_with(None).await };
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1 AND author_id = ?2")
+                .bind(uid(id))
+                .bind(uid(author_id))
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(status) = status else {
+            return tx.rollback_with(None).await;
+        };
         if parse_status(&status)?.is_terminal() {
             return tx.rollback_with(Some(false)).await;
         }
-        event(&mut tx, id, "ERROR", EventOrigin::Api, EventContext::SendError, data, &now()).await?;
+        event(
+            &mut tx,
+            id,
+            "ERROR",
+            EventOrigin::Api,
+            EventContext::SendError,
+            data,
+            &now(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some(true))
     }
@@ -634,11 +753,12 @@ impl SqliteStore {
         id: Uuid,
         event_type: Option<&str>,
     ) -> StorageResult<Option<Vec<JobEvent>>> {
-        let owned: Option<String> = sqlx::query_scalar("SELECT id FROM jobs WHERE id = ?1 AND author_id = ?2")
-            .bind(uid(id))
-            .bind(uid(author_id))
-            .fetch_optional(&self.pool)
-            .await?;
+        let owned: Option<String> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE id = ?1 AND author_id = ?2")
+                .bind(uid(id))
+                .bind(uid(author_id))
+                .fetch_optional(&self.pool)
+                .await?;
         if owned.is_none() {
             return Ok(None);
         }
@@ -674,7 +794,9 @@ impl SqliteStore {
             .bind(uid(author_id))
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(row) = row else { return tx.rollback_with(StopOutcome::NotFound).await };
+        let Some(row) = row else {
+            return tx.rollback_with(StopOutcome::NotFound).await;
+        };
         let was = status_of(&row, "status")?;
         if was.transition(JobStatus::Stopped).is_err() {
             return tx.rollback_with(StopOutcome::AlreadyTerminal).await;
@@ -694,7 +816,15 @@ impl SqliteStore {
             .bind(uid(author_id))
             .execute(&mut *tx)
             .await?;
-        status_event(&mut tx, id, JobStatus::Stopped, EventOrigin::Api, EventContext::StopJob, &at).await?;
+        status_event(
+            &mut tx,
+            id,
+            JobStatus::Stopped,
+            EventOrigin::Api,
+            EventContext::StopJob,
+            &at,
+        )
+        .await?;
         tx.commit().await?;
         Ok(StopOutcome::Stopped { was, ray_host })
     }
@@ -788,7 +918,12 @@ impl SqliteStore {
     /// QUEUED → PENDING after Ray accepted the job. False when the job left
     /// QUEUED meanwhile (a user stop won the race); the caller then records
     /// the submission with [`Self::mark_submitted_after_stop`] and stops it on Ray.
-    pub async fn mark_pending(&self, id: Uuid, worker: &str, ray_host: &str) -> StorageResult<bool> {
+    pub async fn mark_pending(
+        &self,
+        id: Uuid,
+        worker: &str,
+        ray_host: &str,
+    ) -> StorageResult<bool> {
         assert_legal(&[JobStatus::Queued], JobStatus::Pending)?;
         let mut tx = self.write_tx().await?;
         let at = now();
@@ -803,13 +938,23 @@ impl SqliteStore {
         .bind(&at)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(author) = author else { return tx.rollback_with(false).await };
+        let Some(author) = author else {
+            return tx.rollback_with(false).await;
+        };
         sqlx::query("UPDATE users SET last_dispatched_at = ?2 WHERE id = ?1")
             .bind(author)
             .bind(&at)
             .execute(&mut *tx)
             .await?;
-        status_event(&mut tx, id, JobStatus::Pending, EventOrigin::Scheduler, EventContext::ScheduleJobs, &at).await?;
+        status_event(
+            &mut tx,
+            id,
+            JobStatus::Pending,
+            EventOrigin::Scheduler,
+            EventContext::ScheduleJobs,
+            &at,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -844,19 +989,34 @@ impl SqliteStore {
         .bind(&at)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(author) = author else { return tx.rollback_with(false).await };
+        let Some(author) = author else {
+            return tx.rollback_with(false).await;
+        };
         sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = ?1")
             .bind(author)
             .execute(&mut *tx)
             .await?;
-        status_event(&mut tx, id, JobStatus::Failed, EventOrigin::Scheduler, EventContext::ScheduleJobs, &at).await?;
+        status_event(
+            &mut tx,
+            id,
+            JobStatus::Failed,
+            EventOrigin::Scheduler,
+            EventContext::ScheduleJobs,
+            &at,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
 
     /// Takes (or keeps) tracking ownership of submitted, unfinalized jobs:
     /// those nobody tracks, this worker's, and those whose tracker went silent.
-    pub async fn claim_tracking(&self, worker: &str, ttl: Duration, limit: i64) -> StorageResult<Vec<TrackedJob>> {
+    pub async fn claim_tracking(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        limit: i64,
+    ) -> StorageResult<Vec<TrackedJob>> {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
             "SELECT j.id, u.username, j.status, j.ray_host, p.title, p.provider \
@@ -877,7 +1037,9 @@ impl SqliteStore {
                     id: uuid_of(r, "id")?,
                     username: r.try_get("username")?,
                     status: status_of(r, "status")?,
-                    ray_host: r.try_get::<Option<String>, _>("ray_host")?.unwrap_or_default(),
+                    ray_host: r
+                        .try_get::<Option<String>, _>("ray_host")?
+                        .unwrap_or_default(),
                     program_title: r.try_get("title")?,
                     provider: r.try_get("provider")?,
                 })
@@ -898,7 +1060,11 @@ impl SqliteStore {
     }
 
     /// PENDING → RUNNING as Ray reports it.
-    pub async fn mark_running(&self, id: Uuid, ray_start: Option<DateTime<Utc>>) -> StorageResult<bool> {
+    pub async fn mark_running(
+        &self,
+        id: Uuid,
+        ray_start: Option<DateTime<Utc>>,
+    ) -> StorageResult<bool> {
         assert_legal(&[JobStatus::Pending], JobStatus::Running)?;
         let mut tx = self.write_tx().await?;
         let at = now();
@@ -915,8 +1081,15 @@ impl SqliteStore {
         if n == 0 {
             return tx.rollback_with(false).await;
         }
-        status_event(&mut tx, id, JobStatus::Running, EventOrigin::Scheduler, EventContext::UpdateJobStatus, &at)
-            .await?;
+        status_event(
+            &mut tx,
+            id,
+            JobStatus::Running,
+            EventOrigin::Scheduler,
+            EventContext::UpdateJobStatus,
+            &at,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -927,7 +1100,10 @@ impl SqliteStore {
     /// Returns the job's final status.
     pub async fn finish(&self, id: Uuid, fin: &Finish) -> StorageResult<Option<JobStatus>> {
         if !fin.status.is_terminal() {
-            return Err(StorageError::Corrupt(format!("finish with non-terminal status {}", fin.status)));
+            return Err(StorageError::Corrupt(format!(
+                "finish with non-terminal status {}",
+                fin.status
+            )));
         }
         assert_legal(&[JobStatus::Pending, JobStatus::Running], fin.status)?;
         let mut tx = self.write_tx().await?;
@@ -935,13 +1111,17 @@ impl SqliteStore {
             .bind(uid(id))
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(row) = row else { return tx.rollback_with(None).await };
+        let Some(row) = row else {
+            return tx.rollback_with(None).await;
+        };
         let current = status_of(&row, "status")?;
         let author: String = row.try_get("author_id")?;
         let moves = !current.is_terminal();
         if moves {
             // Only a submitted (PENDING/RUNNING) job can end here.
-            current.transition(fin.status).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            current
+                .transition(fin.status)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
         }
         let final_status = if moves { fin.status } else { current };
         let at = now();
@@ -966,7 +1146,15 @@ impl SqliteStore {
                 .bind(author)
                 .execute(&mut *tx)
                 .await?;
-            status_event(&mut tx, id, final_status, EventOrigin::Scheduler, EventContext::UpdateJobStatus, &at).await?;
+            status_event(
+                &mut tx,
+                id,
+                final_status,
+                EventOrigin::Scheduler,
+                EventContext::UpdateJobStatus,
+                &at,
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(Some(final_status))
@@ -1006,25 +1194,42 @@ impl SqliteStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok(Candidate { job_id: uuid_of(r, "id")? })).collect()
+        rows.iter()
+            .map(|r| {
+                Ok(Candidate {
+                    job_id: uuid_of(r, "id")?,
+                })
+            })
+            .collect()
     }
 
     pub async fn setting(&self, key: &str) -> StorageResult<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = ?1").bind(key).fetch_optional(&self.pool).await?)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = ?1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Stores the value unless the key has one already.
     pub async fn insert_setting(&self, key: &str, value: &[u8]) -> StorageResult<()> {
-        sqlx::query("INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING")
-            .bind(key)
-            .bind(value)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
     /// Ended Ray jobs still held by Ray `older_than` after they ended.
-    pub async fn ray_jobs_to_forget(&self, older_than: Duration, limit: i64) -> StorageResult<Vec<(Uuid, String)>> {
+    pub async fn ray_jobs_to_forget(
+        &self,
+        older_than: Duration,
+        limit: i64,
+    ) -> StorageResult<Vec<(Uuid, String)>> {
         let rows = sqlx::query(
             "SELECT id, ray_host FROM jobs WHERE finalized = 1 AND ray_submitted = 1 AND ray_forgotten = 0 \
                AND ray_host IS NOT NULL AND ray_host <> 'local' AND updated < ?1 ORDER BY updated LIMIT ?2",
@@ -1033,11 +1238,16 @@ impl SqliteStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok((uuid_of(r, "id")?, r.try_get("ray_host")?))).collect()
+        rows.iter()
+            .map(|r| Ok((uuid_of(r, "id")?, r.try_get("ray_host")?)))
+            .collect()
     }
 
     pub async fn mark_ray_forgotten(&self, id: Uuid) -> StorageResult<()> {
-        sqlx::query("UPDATE jobs SET ray_forgotten = 1 WHERE id = ?1").bind(uid(id)).execute(&self.writer).await?;
+        sqlx::query("UPDATE jobs SET ray_forgotten = 1 WHERE id = ?1")
+            .bind(uid(id))
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
@@ -1049,7 +1259,9 @@ impl SqliteStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok((uuid_of(r, "id")?, r.try_get("username")?))).collect()
+        rows.iter()
+            .map(|r| Ok((uuid_of(r, "id")?, r.try_get("username")?)))
+            .collect()
     }
 }
 
@@ -1059,12 +1271,17 @@ mod tests {
 
     #[test]
     fn timestamps_are_fixed_width_so_text_order_is_time_order() {
-        let whole = DateTime::parse_from_rfc3339("2026-12-03T10:00:00Z").unwrap().to_utc();
+        let whole = DateTime::parse_from_rfc3339("2026-12-03T10:00:00Z")
+            .unwrap()
+            .to_utc();
         let later = whole + chrono::Duration::nanoseconds(123_456_789);
         assert_eq!(ts(whole), "2026-12-03T10:00:00.000000Z");
         assert_eq!(ts(later), "2026-12-03T10:00:00.123456Z");
         assert!(ts(whole) < ts(later));
-        assert_eq!(parse_ts("t", &ts(later)).unwrap(), later - chrono::Duration::nanoseconds(789));
+        assert_eq!(
+            parse_ts("t", &ts(later)).unwrap(),
+            later - chrono::Duration::nanoseconds(789)
+        );
         assert_eq!(ts(DateTime::<Utc>::MAX_UTC), "9999-12-31T23:59:59.999999Z");
         assert_eq!(ts(DateTime::<Utc>::MIN_UTC), "0001-01-01T00:00:00.000000Z");
         assert_eq!(now_plus(Duration::MAX), "9999-12-31T23:59:59.999999Z");
