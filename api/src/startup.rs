@@ -66,7 +66,7 @@ impl Application {
             Store::Postgres(PgStore::connect(database_url, 16).await.with_context(|| {
                 format!(
                     "connecting to Postgres at {}",
-                    shared::config::redact_url(&database_url)
+                    shared::config::redact_url(database_url)
                 )
             })?);
         store.migrate().await.context("applying migrations")?;
@@ -75,7 +75,7 @@ impl Application {
             .with_context(|| {
                 format!(
                     "connecting to Redis at {}",
-                    shared::config::redact_url(&redis_url)
+                    shared::config::redact_url(redis_url)
                 )
             })?;
         let queue = DispatchQueue::new(redis.clone(), &config.redis_prefix, &config.worker);

@@ -735,8 +735,10 @@ mod tests {
             .split("pub const VARIABLES")
             .next()
             .unwrap_or_default();
+        // Whitespace removed, so formatting cannot hide a read.
+        let code: String = code.chars().filter(|c| !c.is_whitespace()).collect();
         let mut read = std::collections::BTreeSet::new();
-        for pattern in ["get(\"", "parse_num(&get, \"", "parse_bool_opt(&get, \""] {
+        for pattern in ["get(\"", "parse_num(&get,\"", "parse_bool_opt(&get,\""] {
             for piece in code.split(pattern).skip(1) {
                 let name: String = piece
                     .chars()
