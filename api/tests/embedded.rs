@@ -138,40 +138,7 @@ async fn newcomer_runs_the_real_client_against_the_embedded_gateway() {
     let data = tempfile::tempdir().unwrap();
     let gw = start(data.path(), free_port(), &[]);
     let out = python("client_flow.py", &gw, &[]).await;
-    assert_eq!(out["adder_result"], json!({"sum": 42}), "{out}");
-    assert_eq!(out["adder_status"], "DONE");
-    assert!(
-        out["adder_logs"]
-            .as_str()
-            .unwrap()
-            .contains("adding 2 and 40"),
-        "{out}"
-    );
-    assert_eq!(out["failer_status"], "ERROR");
-    assert!(
-        out["failer_logs"]
-            .as_str()
-            .unwrap()
-            .contains("ValueError: boom from the function"),
-        "{out}"
-    );
-    assert!(
-        out["failer_logs"]
-            .as_str()
-            .unwrap()
-            .contains("[gateway] error: The function exited with code 1."),
-        "{out}"
-    );
-    assert_eq!(out["sleeper_before_stop"], "RUNNING");
-    assert_eq!(out["sleeper_status"], "CANCELED");
-    assert!(
-        out["sleeper_logs"]
-            .as_str()
-            .unwrap()
-            .contains("sleeping now"),
-        "{out}"
-    );
-    assert_eq!(out["jobs"].as_array().unwrap().len(), 3);
+    support::assert_client_flow(&out, "The function exited with code 1.");
     // The stopped function's process group is gone.
     let sleeper = out["sleeper_id"].as_str().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

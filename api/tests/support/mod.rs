@@ -481,3 +481,58 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// What `client_flow.py` must have seen on any gateway, whatever runs the
+/// functions. `failure` is how the runner words the failing function's end.
+pub fn assert_client_flow(out: &Value, failure: &str) {
+    let text = |key: &str| {
+        out[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key} missing: {out}"))
+            .to_string()
+    };
+    assert_eq!(out["adder_result"], serde_json::json!({"sum": 42}), "{out}");
+    assert_eq!(out["adder_status"], "DONE");
+    assert!(text("adder_logs").contains("adding 2 and 40"), "{out}");
+
+    assert_eq!(out["failer_status"], "ERROR");
+    let failer_logs = text("failer_logs");
+    assert!(
+        failer_logs.contains("Traceback")
+            && failer_logs.contains("ValueError: boom from the function"),
+        "{failer_logs}"
+    );
+    assert!(
+        failer_logs.contains(&format!("[gateway] error: {failure}")),
+        "{failer_logs}"
+    );
+    assert!(
+        out["failer_raised"].is_string(),
+        "result() of a failed job raises: {out}"
+    );
+
+    assert_eq!(out["sleeper_before_stop"], "RUNNING");
+    assert_eq!(out["stop_message"], "Job has been stopped.");
+    assert_eq!(out["sleeper_status"], "CANCELED");
+    assert!(
+        text("sleeper_logs").contains("sleeping now"),
+        "logs kept after stop: {out}"
+    );
+
+    let jobs: Vec<&str> = out["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for key in ["adder_id", "failer_id", "sleeper_id"] {
+        assert!(
+            jobs.contains(&text(key).as_str()),
+            "{key} listed in {jobs:?}"
+        );
+    }
+    assert_eq!(
+        out["functions"],
+        serde_json::json!(["adder", "failer", "sleeper"])
+    );
+}
