@@ -10,9 +10,12 @@ pub fn init(json: bool, debug: bool) {
         "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_redis=warn"
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colours only for a terminal, not for files and log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(ansi);
     // A second init (tests start several apps in one process) is harmless.
     let _ = if json {
         builder.json().try_init()
