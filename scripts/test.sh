@@ -592,6 +592,15 @@ if [ "${GATEWAY_TEST_DRY:-0}" = 1 ]; then
   exit 0
 fi
 
+# Tests drop their databases; one that crashed mid-way leaves its own. Drop
+# those older than an hour (never a concurrent run's).
+stale_dbs=$(psql -w -X -A -t -q -d "$GATEWAY_TEST_DATABASE_URL" -c "SELECT datname FROM pg_database
+  WHERE datname LIKE 'gwt\_%' AND (pg_stat_file('base/' || oid || '/PG_VERSION')).modification < now() - interval '1 hour'" \
+  </dev/null 2>/dev/null || true)
+for db in $stale_dbs; do
+  psql -w -X -q -d "$GATEWAY_TEST_DATABASE_URL" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" </dev/null >/dev/null 2>&1 || true
+done
+
 step "cargo build --workspace --bins"
 rc=0
 run_cargo build --workspace --bins || rc=$?
