@@ -82,6 +82,7 @@ async fn check(req: &Request, key: ApiKey) -> poem::Result<Caller> {
     let Some(username) = state.auth.username(&token).await else {
         return Err(ApiError::Unauthorized("Invalid token.".into()).into());
     };
+    tracing::Span::current().record("user", username.as_str());
     let user = state.user(&username).await.map_err(ApiError::from)?;
     let header = |name: &str| {
         req.header(name)

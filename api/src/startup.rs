@@ -177,7 +177,17 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
                 )
                 .into());
             }
-            ep.call(req).await.map(IntoResponse::into_response)
+            // Everything logged while serving carries the request and, once
+            // authenticated, the user (never the token).
+            let span = tracing::info_span!(
+                "request",
+                method = %req.method(),
+                path = %req.uri().path(),
+                user = tracing::field::Empty
+            );
+            tracing::Instrument::instrument(ep.call(req), span)
+                .await
+                .map(IntoResponse::into_response)
         })
         .data(state)
         .catch_all_error(error::to_json)
