@@ -98,6 +98,23 @@ async fn status_event(
     .await
 }
 
+/// The bookkeeping of every move into a terminal state: the job no longer
+/// counts against its author's active limit, and the move is recorded.
+async fn ended(
+    tx: &mut Transaction<'_, Postgres>,
+    author_id: Uuid,
+    job_id: Uuid,
+    status: JobStatus,
+    origin: EventOrigin,
+    context: EventContext,
+) -> StorageResult<()> {
+    sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = $1")
+        .bind(author_id)
+        .execute(&mut **tx)
+        .await?;
+    status_event(tx, job_id, status, origin, context).await
+}
+
 async fn event(
     tx: &mut Transaction<'_, Postgres>,
     job_id: Uuid,
@@ -605,12 +622,9 @@ impl PgStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = $1")
-            .bind(author_id)
-            .execute(&mut *tx)
-            .await?;
-        status_event(
+        ended(
             &mut tx,
+            author_id,
             id,
             JobStatus::Stopped,
             EventOrigin::Api,
@@ -776,12 +790,9 @@ impl PgStore {
         let Some(author) = author else {
             return Ok(false);
         };
-        sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = $1")
-            .bind(author)
-            .execute(&mut *tx)
-            .await?;
-        status_event(
+        ended(
             &mut tx,
+            author,
             id,
             JobStatus::Failed,
             EventOrigin::Scheduler,
@@ -911,12 +922,9 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         if moves {
-            sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = $1")
-                .bind(author)
-                .execute(&mut *tx)
-                .await?;
-            status_event(
+            ended(
                 &mut tx,
+                author,
                 id,
                 final_status,
                 EventOrigin::Scheduler,

@@ -259,6 +259,24 @@ async fn status_event(
     .await
 }
 
+/// The bookkeeping of every move into a terminal state: the job no longer
+/// counts against its author's active limit, and the move is recorded.
+async fn ended(
+    conn: &mut SqliteConnection,
+    author_id: &str,
+    job_id: Uuid,
+    status: JobStatus,
+    origin: EventOrigin,
+    context: EventContext,
+    at: &str,
+) -> StorageResult<()> {
+    sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = ?1")
+        .bind(author_id)
+        .execute(&mut *conn)
+        .await?;
+    status_event(conn, job_id, status, origin, context, at).await
+}
+
 async fn event(
     conn: &mut SqliteConnection,
     job_id: Uuid,
@@ -812,12 +830,9 @@ impl SqliteStore {
         .bind(&at)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = ?1")
-            .bind(uid(author_id))
-            .execute(&mut *tx)
-            .await?;
-        status_event(
+        ended(
             &mut tx,
+            &uid(author_id),
             id,
             JobStatus::Stopped,
             EventOrigin::Api,
@@ -992,12 +1007,9 @@ impl SqliteStore {
         let Some(author) = author else {
             return tx.rollback_with(false).await;
         };
-        sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = ?1")
-            .bind(author)
-            .execute(&mut *tx)
-            .await?;
-        status_event(
+        ended(
             &mut tx,
+            &author,
             id,
             JobStatus::Failed,
             EventOrigin::Scheduler,
@@ -1142,12 +1154,9 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         if moves {
-            sqlx::query("UPDATE users SET active_jobs = active_jobs - 1 WHERE id = ?1")
-                .bind(author)
-                .execute(&mut *tx)
-                .await?;
-            status_event(
+            ended(
                 &mut tx,
+                &author,
                 id,
                 final_status,
                 EventOrigin::Scheduler,
