@@ -14,6 +14,10 @@ use uuid::Uuid;
 
 use crate::auth::Authenticator;
 
+/// Short enough that a slow Ray never holds a client; the stored data is
+/// the fallback.
+pub const RAY_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Store,
@@ -25,6 +29,8 @@ pub struct AppState {
     /// `ENV_JOB_GATEWAY_HOST` and the base of pagination links.
     pub site_host: String,
     pub artifact_limits: ArtifactLimits,
+    /// Clients for live logs and stops of running jobs, one per Ray head.
+    pub ray: shared::ray::RayClients,
     /// username → id: users are created once and never renamed, so the
     /// cache saves a statement on every request.
     users: RwLock<HashMap<String, Uuid>>,
@@ -54,6 +60,7 @@ impl AppState {
             auth,
             site_host,
             artifact_limits,
+            ray: shared::ray::RayClients::new(RAY_CALL_TIMEOUT),
             users: RwLock::new(HashMap::new()),
         }
     }

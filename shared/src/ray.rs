@@ -927,6 +927,37 @@ impl Skipper {
     }
 }
 
+/// One pooled client per Ray head (a client holds its connections; making
+/// one per call would reconnect every time).
+#[derive(Debug)]
+pub struct RayClients {
+    timeout: Duration,
+    clients: std::sync::Mutex<std::collections::HashMap<String, RayClient>>,
+}
+
+impl RayClients {
+    pub fn new(timeout: Duration) -> Self {
+        RayClients {
+            timeout,
+            clients: Default::default(),
+        }
+    }
+
+    /// The client for the head at `base_url`.
+    pub fn get(&self, base_url: &str) -> Result<RayClient, RayError> {
+        let mut clients = self
+            .clients
+            .lock()
+            .map_err(|_| RayError::Unreachable("client cache poisoned".into()))?;
+        if let Some(c) = clients.get(base_url) {
+            return Ok(c.clone());
+        }
+        let client = RayClient::new(base_url, self.timeout)?;
+        clients.insert(base_url.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use shared::config::Config;
 use shared::limiter::Limiter;
 use shared::local_runner::LocalRunner;
 use shared::queue::DispatchQueue;
-use shared::ray::{RayClient, RayError};
+use shared::ray::{RayClient, RayClients, RayError};
 use shared::secrets::SecretBox;
 use shared::storage::Store;
 use tokio::sync::mpsc;
@@ -30,7 +30,7 @@ pub struct WorkerCtx {
     pub tracked_tx: mpsc::UnboundedSender<Uuid>,
     /// Runs functions as local processes (embedded gateway without Ray).
     pub local: LocalRunner,
-    ray_clients: Mutex<HashMap<String, RayClient>>,
+    ray_clients: RayClients,
     /// (Ray head and session, artifact sha256) → uploaded package URI.
     packages: Mutex<HashMap<(String, String), String>>,
 }
@@ -56,7 +56,7 @@ impl WorkerCtx {
             queue,
             secrets,
             tracked_tx,
-            ray_clients: Mutex::new(HashMap::new()),
+            ray_clients: RayClients::new(RAY_TIMEOUT),
             packages: Mutex::new(HashMap::new()),
         }
     }
@@ -77,16 +77,7 @@ impl WorkerCtx {
 
     /// A pooled client per Ray head.
     pub fn ray(&self, host: &str) -> Result<RayClient, RayError> {
-        let mut clients = self
-            .ray_clients
-            .lock()
-            .map_err(|_| RayError::Unreachable("client cache poisoned".into()))?;
-        if let Some(c) = clients.get(host) {
-            return Ok(c.clone());
-        }
-        let client = RayClient::new(host, RAY_TIMEOUT)?;
-        clients.insert(host.to_string(), client.clone());
-        Ok(client)
+        self.ray_clients.get(host)
     }
 
     pub fn cached_package(&self, host: &str, sha: &str) -> Option<String> {
